@@ -1,0 +1,47 @@
+"""vqret: cross-modal image retrieval and indexing.
+
+The public API, imported lazily so that `import vqret` (and the CLI's start-up) stays cheap:
+
+    from vqret import Collection, Embedder
+    col = Collection.create("photos/")          # store in photos/.vqret
+    col.index("photos/")
+    for hit in col.search(text="a red car", k=5):
+        print(hit.rank, hit.score, hit.path)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "Collection": "vqret.retrieval.collection",
+    "SearchResult": "vqret.retrieval.collection",
+    "IndexReport": "vqret.retrieval.indexer",
+    "Embedder": "vqret.retrieval.embedder",
+    "ModelSpec": "vqret.retrieval.embedder",
+    "WeightsUnavailableError": "vqret.retrieval.embedder",
+    "Store": "vqret.retrieval.store",
+    "StoreError": "vqret.retrieval.store",
+    "load_image": "vqret.retrieval.images",
+    "ImageLoadError": "vqret.retrieval.images",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from vqret.retrieval.collection import Collection, SearchResult
+    from vqret.retrieval.embedder import Embedder, ModelSpec, WeightsUnavailableError
+    from vqret.retrieval.images import ImageLoadError, load_image
+    from vqret.retrieval.indexer import IndexReport
+    from vqret.retrieval.store import Store, StoreError
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vqret' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

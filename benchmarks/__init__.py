@@ -1,0 +1,1 @@
+"""Benchmarks, also run as `vqret bench ...`."""

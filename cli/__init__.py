@@ -1,0 +1,1 @@
+"""The `vqret` command line (typer): a thin layer over the Python API."""

@@ -1,0 +1,309 @@
+"""`vqret`: index a folder of images, search it by text or by image.
+
+The CLI is thin: every command calls the Python API (vqret.retrieval). Heavy imports (torch,
+open_clip, faiss) happen inside the commands so that `vqret --help` starts at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Cross-modal image retrieval: index a folder with open_clip + FAISS, search it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks (speed, ...); results as ratios to a same-run baseline.")
+app.add_typer(bench_app, name="bench")
+
+out = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option("--store", help="Store folder (default: FOLDER/.vqret, or found upwards)."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+
+
+@app.callback()
+def _configure(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+) -> None:
+    import logging
+
+    # open_clip logs routine notes (e.g. random init) as root warnings: keep them out of the way.
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(message)s")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def clean_errors():
+    """Known failures become one line on stderr and exit status 1, never a traceback."""
+    from vqret.retrieval.embedder import ModelConfigError, WeightsUnavailableError
+    from vqret.retrieval.images import ImageLoadError
+    from vqret.retrieval.store import StoreError
+
+    try:
+        yield
+    except (StoreError, WeightsUnavailableError, ModelConfigError, ImageLoadError) as e:
+        fail(str(e))
+    except ValueError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print("interrupted: committed work is kept; run the same command to resume")
+        raise typer.Exit(130) from None
+
+
+# ------------------------------------------------------------------------------------------
+# index
+# ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder of images to index (recursively).")],
+    store: StoreOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="open_clip model name, or path of a model-config JSON "
+            "[default: ViT-B-32, or the store's model]"
+        ),
+    ] = None,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="Pretrained tag (HF cache), or a local .safetensors/.pt file "
+            "[default: laion2b_s34b_b79k, or the store's weights]"
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode worker processes (default: CPU count, max 8).")
+    ] = None,
+    rebuild: Annotated[bool, typer.Option(help="Discard the store and start over.")] = False,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for another writer of the store.")
+    ] = 0.0,
+    commit_every: Annotated[
+        int, typer.Option("--commit-every", min=1, help="Commit after this many new images.")
+    ] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+) -> None:
+    """Embed every image under FOLDER; again, it touches only what changed."""
+    with clean_errors():
+        from vqret.retrieval.collection import Collection
+
+        if not folder.is_dir():
+            fail(f"{folder}: not a folder")
+        collection = Collection.create(
+            folder,
+            store,
+            model=model,
+            pretrained=pretrained,
+            rebuild=rebuild,
+            device=device,
+            batch_size=batch_size,
+            num_workers=workers,
+        )
+        show_progress = not (as_json or quiet) and err.is_terminal
+        options = {"wait": wait, "commit_every": commit_every}
+        report = _run_index(collection, folder, options, show_progress, quiet)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    elif not quiet:
+        _print_summary(report, collection)
+
+
+def _run_index(collection, folder: Path, options: dict, show_progress: bool, quiet: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    def on_failure(failure) -> None:
+        if not quiet:
+            err.print(f"skipped {failure.path}: {failure.error}", highlight=False, markup=False)
+
+    if not show_progress:
+        return collection.index(folder, on_failure=on_failure, **options)
+    progress = Progress(
+        TextColumn("embedding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} images/s"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    import time
+
+    started = time.perf_counter()
+    with progress:
+        task = progress.add_task("embed", total=None, rate="-")
+
+        def on_progress(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - started
+            rate = f"{done / elapsed:.1f}" if done and elapsed > 0 else "-"
+            progress.update(task, completed=done, total=total, rate=rate)
+
+        return collection.index(
+            folder, on_failure=on_failure, on_progress=on_progress, **options
+        )
+
+
+def _print_summary(report, collection) -> None:
+    d = report.to_dict()
+    parts = [f"{d[k]} {k}" for k in ("added", "updated", "renamed", "removed", "unchanged")]
+    rate = f", {report.embedded / report.seconds:.1f} images/s" if report.embedded else ""
+    out.print(
+        f"{', '.join(parts)}; {report.embedded} embedded{rate}; {len(report.failed)} failed "
+        f"-> {collection.store.path} ({len(collection.store)} images, {report.seconds:.1f} s)",
+        highlight=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# search
+# ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def search(
+    query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", "-i", help="Search by this image instead.")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")] = 10,
+    store: StoreOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    files: Annotated[
+        bool, typer.Option("-f", "--files", help="Print paths only, one a line.")
+    ] = False,
+    grid: Annotated[
+        Path | None, typer.Option("--grid", help="Also write the results as one picture.")
+    ] = None,
+) -> None:
+    """Top-k images for a text QUERY or --image, with cosine scores."""
+    if (query is None) == (image is None):
+        fail('give a text query or --image PATH (not both), e.g. vqret search "a red car"')
+    if query is not None and not query.strip():
+        fail("empty query: give some text to search for")
+    with clean_errors():
+        from vqret.retrieval.collection import Collection
+
+        collection = Collection.open(store, device=device)
+        results = collection.search(text=query, image=image, k=k)
+        if grid is not None:
+            from vqret.retrieval.grid import render_grid
+
+            items = [(collection.resolve(r), f"#{r.rank}  {r.score:.3f}") for r in results]
+            render_grid(items, grid, title=query or f"like {image.name}")
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results]))
+    elif files:
+        for r in results:
+            print(collection.resolve(r))
+    else:
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False)
+        table.add_column("rank", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("path", overflow="fold")
+        for r in results:
+            table.add_row(str(r.rank), f"{r.score:.4f}", r.path)
+        out.print(table)
+    if grid is not None and not as_json and not files:
+        err.print(f"wrote {grid}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def info(
+    store: StoreOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What a store holds: model, counts, and the files that failed last run."""
+    with clean_errors():
+        from vqret.retrieval.collection import Collection
+
+        facts = Collection.open(store).info()
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    for key, value in facts.items():
+        if key != "failures":
+            out.print(f"[bold]{key:>15}[/]  {value}", highlight=False)
+    failures = facts["failures"]
+    out.print(f"[bold]{'failures':>15}[/]  {len(failures)}")
+    for f in failures:
+        out.print(f"                 {f['path']}: {f['error']}", highlight=False, markup=False)
+
+
+# ------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------
+
+
+@bench_app.command("speed")
+def bench_speed(
+    images: Annotated[Path, typer.Argument(help="Folder of images to embed.")],
+    model: str = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option(help="'none' = random weights")] = "none",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
+    limit: Annotated[int, typer.Option(help="Use at most this many images.")] = 512,
+    device: DeviceOpt = "cpu",
+    workers: int | None = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Indexing images/s next to a plain open_clip loop; text query latency."""
+    with clean_errors():
+        from vqret.benchmarks.speed import run_speed_benchmark
+
+        result = run_speed_benchmark(
+            images,
+            model=model,
+            pretrained=pretrained,
+            batch_size=batch_size,
+            limit=limit,
+            device=device,
+            workers=workers,
+            log=None if as_json else err.print,
+        )
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            out.print(f"{key:>28}  {value}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Diffusion Transformer fallback (see the DiT issue)."""

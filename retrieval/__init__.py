@@ -1,0 +1,1 @@
+"""Retrieval: files -> embedder -> store rows -> FAISS index -> results."""

@@ -1,0 +1,221 @@
+"""The Python API: a collection is a store plus the model it was made with.
+
+    col = Collection.create("photos/")                 # or Collection.open() from inside it
+    report = col.index()                                # incremental; report.to_dict()
+    hits = col.search(text="a red car", k=5)           # or image="query.jpg" / embedding=vec
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .embedder import DEFAULT_MODEL, DEFAULT_PRETRAINED, Embedder
+from .images import load_image
+from .store import STORE_DIRNAME, Store, StoreError, find_store
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    rank: int  # 1-based
+    id: int
+    path: str  # as stored: relative to the indexed folder
+    score: float  # cosine similarity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score}
+
+
+class Collection:
+    """A store and the embedder that fills and queries it."""
+
+    def __init__(self, store: Store, embedder: Embedder | None = None, **embedder_kwargs: Any):
+        self.store = store
+        self._embedder = embedder
+        self._embedder_kwargs = embedder_kwargs
+        self._index = None
+        self._index_generation: int | None = None
+
+    # ---- opening --------------------------------------------------------------------------
+    @classmethod
+    def open(cls, store: str | os.PathLike | None = None, **embedder_kwargs: Any) -> Collection:
+        """Open a store by path, or find the nearest `.vqret` from the current folder up."""
+        if store is None:
+            found = find_store()
+            if found is None:
+                raise StoreError(
+                    "no vqret store in this folder or its parents: run `vqret index FOLDER` "
+                    "first, or pass --store PATH"
+                )
+            store = found
+        path = Path(store)
+        if not (path / "manifest.json").is_file() and (path / STORE_DIRNAME).is_dir():
+            path = path / STORE_DIRNAME  # the indexed folder was given
+        return cls(Store(path), **embedder_kwargs)
+
+    @classmethod
+    def create(
+        cls,
+        folder: str | os.PathLike,
+        store: str | os.PathLike | None = None,
+        *,
+        model: str | None = None,
+        pretrained: str | None = None,
+        rebuild: bool = False,
+        embedder: Embedder | None = None,
+        **embedder_kwargs: Any,
+    ) -> Collection:
+        """Open the store for `folder` (default `<folder>/.vqret`), making it when needed.
+
+        A new store uses `model`/`pretrained` (default ViT-B-32 laion2b_s34b_b79k); an existing
+        one its own model. An existing store made with another model is refused unless
+        `rebuild` is set.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise StoreError(f"{folder}: not a folder")
+        path = Path(store) if store is not None else folder / STORE_DIRNAME
+        existing = Store(path) if (path / "manifest.json").is_file() else None
+        if existing is not None and rebuild:
+            _remove_store(path)
+            existing = None
+        if embedder is None:
+            if existing is not None and model is None and pretrained is None:
+                # Re-indexing uses the store's own model unless told otherwise.
+                embedder = Embedder.from_spec(existing.spec, **embedder_kwargs)
+            else:
+                embedder = Embedder(
+                    model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, **embedder_kwargs
+                )
+        if existing is None:
+            return cls(Store.create(path, embedder.spec, folder), embedder)
+        if not existing.spec.same_model(embedder.spec):
+            old = existing.spec
+            raise StoreError(
+                f"{path} was made with {old.model} ({old.weights_id}), not "
+                f"{embedder.spec.model} ({embedder.spec.weights_id}); pass --rebuild to "
+                "start over with the new model"
+            )
+        if existing.root != folder.resolve():
+            raise StoreError(
+                f"{path} indexes {existing.root}, not {folder.resolve()}; use another "
+                "--store for this folder"
+            )
+        return cls(existing, embedder)
+
+    # ---- model ----------------------------------------------------------------------------
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder.from_spec(self.store.spec, **self._embedder_kwargs)
+        return self._embedder
+
+    # ---- indexing -------------------------------------------------------------------------
+    def index(self, folder: str | os.PathLike | None = None, **kwargs: Any):
+        """Index the store's folder (or `folder`) incrementally; returns an IndexReport."""
+        from .indexer import index_folder
+
+        report = index_folder(self.store, self.embedder, Path(folder or self.store.root), **kwargs)
+        self._index = None
+        return report
+
+    # ---- searching ------------------------------------------------------------------------
+    def _search_index(self):
+        from .index import load_index, to_search_device
+
+        self.store.refresh()  # answer from the last committed state, even while indexing
+        if self._index is None or self._index_generation != self.store.generation:
+            self._index = to_search_device(load_index(self.store))
+            self._index_generation = self.store.generation
+        return self._index
+
+    def query_embedding(
+        self,
+        text: str | None = None,
+        image: str | os.PathLike | Image.Image | None = None,
+    ) -> np.ndarray:
+        """The (D,) query vector for a text or an image."""
+        if (text is None) == (image is None):
+            raise ValueError("give exactly one of text= or image=")
+        if text is not None:
+            if not text.strip():
+                raise ValueError("empty query: give some text to search for")
+            return self.embedder.embed_texts([text])[0]
+        if not isinstance(image, Image.Image):
+            image = load_image(image, draft_size=(self.embedder.image_size,) * 2)
+        return self.embedder.embed_images([image])[0]
+
+    def search(
+        self,
+        text: str | None = None,
+        image: str | os.PathLike | Image.Image | None = None,
+        *,
+        embedding: np.ndarray | None = None,
+        k: int = 10,
+    ) -> list[SearchResult]:
+        """Top-k rows by cosine similarity to a text, an image, or an embedding."""
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        index = self._search_index()
+        if index.ntotal == 0:
+            raise StoreError(f"{self.store.path} is empty: index some images first")
+        if embedding is None:
+            embedding = self.query_embedding(text=text, image=image)
+        query = np.asarray(embedding, np.float32).reshape(1, -1)
+        if query.shape[1] != self.store.dim:
+            raise ValueError(f"query has dimension {query.shape[1]}, store has {self.store.dim}")
+        from .index import search_index
+
+        scores, ids = search_index(index, query, k)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        paths = self.store.rows_by_id([i for i, _ in found], columns=["id", "path"])
+        return [
+            SearchResult(rank, i, paths[i]["path"], score)
+            for rank, (i, score) in enumerate(found, start=1)
+            if i in paths
+        ]
+
+    def resolve(self, result: SearchResult | str) -> Path:
+        """The file on disk for a result (or a stored path)."""
+        path = result.path if isinstance(result, SearchResult) else result
+        return self.store.root / path
+
+    def info(self) -> dict[str, Any]:
+        m = self.store.manifest
+        return {
+            "store": str(self.store.path),
+            "root": str(self.store.root),
+            "images": len(self.store),
+            "model": m["model"]["model"],
+            "pretrained": m["model"]["weights_id"],
+            "dim": m["dim"],
+            "schema_version": m["schema_version"],
+            "vqret_version": m["vqret_version"],
+            "created_at": m["created_at"],
+            "updated_at": m["updated_at"],
+            "generation": m["generation"],
+            "parts": len(m["parts"]),
+            "failures": m.get("failures", []),
+        }
+
+
+def _remove_store(path: Path) -> None:
+    if not (path / "manifest.json").is_file():
+        raise StoreError(f"{path} doesn't look like a vqret store; not removing it")
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path / "lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise StoreError(f"{path}: another `vqret index` is writing to it") from None
+    try:
+        shutil.rmtree(path)
+    finally:
+        lock.release()

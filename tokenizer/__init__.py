@@ -1,0 +1,1 @@
+"""VQ-VAE tokenizer (see the tokenizer issue)."""
