@@ -30,7 +30,19 @@ _EXPORTS = {
     "ImageLoadError": "vqret.retrieval.images",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "Collection",
+    "Embedder",
+    "ImageLoadError",
+    "IndexReport",
+    "ModelSpec",
+    "SearchResult",
+    "Store",
+    "StoreError",
+    "WeightsUnavailableError",
+    "__version__",
+    "load_image",
+]
 
 if TYPE_CHECKING:
     from vqret.retrieval.collection import Collection, SearchResult

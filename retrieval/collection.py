@@ -41,6 +41,8 @@ class Collection:
         self._embedder_kwargs = embedder_kwargs
         self._index = None
         self._index_generation: int | None = None
+        self._path_of: dict[int, str] = {}
+        self._paths_generation: int | None = None
 
     # ---- opening --------------------------------------------------------------------------
     @classmethod
@@ -174,12 +176,22 @@ class Collection:
 
         scores, ids = search_index(index, query, k)
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        paths = self.store.rows_by_id([i for i, _ in found], columns=["id", "path"])
+        paths = self._paths()
         return [
-            SearchResult(rank, i, paths[i]["path"], score)
+            SearchResult(rank, i, paths[i], score)
             for rank, (i, score) in enumerate(found, start=1)
             if i in paths
         ]
+
+    def _paths(self) -> dict[int, str]:
+        """id -> path of the rows the current index was built from (cached per generation)."""
+        if self._paths_generation != self._index_generation:
+            table = self.store.read_table(["id", "path"])
+            self._path_of = dict(
+                zip(table.column("id").to_pylist(), table.column("path").to_pylist(), strict=True)
+            )
+            self._paths_generation = self._index_generation
+        return self._path_of
 
     def resolve(self, result: SearchResult | str) -> Path:
         """The file on disk for a result (or a stored path)."""
