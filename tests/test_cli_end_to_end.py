@@ -102,7 +102,7 @@ def test_incremental_add_modify_delete_rename(shapes_folder, tiny_clip, tmp_path
     assert report["updated"] == 1
     assert report["added"] == 4  # 3 new + 1 copy
     assert report["embedded"] == 4  # 3 new + 1 modified: not the rename, not the copy
-    assert report["unchanged"] == 120 - 4
+    assert report["unchanged"] == 120 - 3  # all but the renamed, deleted and modified
 
     rows = {r["path"]: r for r in Store(folder / ".vqret").read_table().to_pylist()}
     assert len(rows) == 120 + 3 + 1 - 1

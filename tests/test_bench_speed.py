@@ -1,0 +1,68 @@
+"""The speed benchmark runs end to end on a tiny model; timings themselves are not asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from vqret.benchmarks.speed import run_speed_benchmark
+
+FIXTURE_CONFIG = Path(__file__).parent / "fixtures" / "tiny_clip" / "tiny-clip.json"
+# Used when the shared fixture is absent: the smallest config open_clip accepts comfortably.
+FALLBACK_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+EXPECTED_KEYS = {
+    "device",
+    "model",
+    "batch_size",
+    "workers",
+    "n_images",
+    "torch_threads",
+    "matmul_fp32_gflops",
+    "vqret_images_per_s",
+    "baseline_images_per_s",
+    "ratio_vs_plain_loop",
+    "text_query_ms_p50",
+}
+
+
+def _tiny_config(tmp_path: Path) -> str:
+    if FIXTURE_CONFIG.is_file():
+        return str(FIXTURE_CONFIG)
+    path = tmp_path / "bench-tiny-clip.json"
+    path.write_text(json.dumps(FALLBACK_CONFIG))
+    return str(path)
+
+
+def test_speed_benchmark_runs_on_tiny_model(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40 + i, 30), (30 * i, 255 - 30 * i, 128)).save(folder / f"{i}.png")
+    lines: list[str] = []
+
+    result = run_speed_benchmark(
+        folder,
+        model=_tiny_config(tmp_path),
+        batch_size=4,
+        limit=8,
+        # One worker still exercises the DataLoader worker path and keeps the test quick.
+        workers=1,
+        log=lines.append,
+    )
+
+    assert EXPECTED_KEYS <= result.keys()
+    assert result["n_images"] == 8
+    assert result["decode_failures"] == 0
+    assert result["vqret_images_per_s"] > 0
+    assert result["baseline_images_per_s"] > 0
+    assert result["ratio_vs_plain_loop"] > 0
+    assert result["text_query_ms_p50"] > 0
+    assert result["matmul_fp32_gflops"] > 0
+    assert lines, "progress lines go through `log`"
+    json.dumps(result)  # the CLI prints it as JSON
