@@ -212,7 +212,8 @@ class Collection:
             "created_at": m["created_at"],
             "updated_at": m["updated_at"],
             "generation": m["generation"],
-            "parts": len(m["parts"]),
+            "parts": len(self.store.parts()),
+            "texts": self.store.count("texts"),
             "failures": m.get("failures", []),
         }
 

@@ -16,12 +16,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .store import Store, write_atomic
+from .store import IMAGES, Store, write_atomic
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.faiss"
-INDEX_META = "index.json"
+
+def index_files(store: Store, table: str = IMAGES) -> tuple[Path, Path]:
+    """(index file, its metadata) of a table: images.faiss + images.json, texts.faiss + ..."""
+    return store.path / f"{table}.faiss", store.path / f"{table}.json"
 
 
 def gpu_count() -> int:
@@ -50,29 +52,27 @@ def to_search_device(index: faiss.Index) -> faiss.Index:
         return index
 
 
-def save_index(store: Store, index: faiss.Index) -> None:
+def save_index(store: Store, index: faiss.Index, table: str = IMAGES) -> None:
     """Write the index and the generation it covers, each atomically (index first)."""
-    final = store.path / INDEX_FILE
-    tmp = final.with_name(f".tmp-{INDEX_FILE}-{uuid.uuid4().hex[:8]}")
+    final, meta_path = index_files(store, table)
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, final)
     meta = {"generation": store.generation, "ntotal": int(index.ntotal), "type": "flat"}
-    write_atomic(store.path / INDEX_META, json.dumps(meta).encode())
+    write_atomic(meta_path, json.dumps(meta).encode())
 
 
-def load_index(store: Store, rebuild_if_stale: bool = True) -> faiss.Index:
-    """The store's index for its current generation: from disk if valid, else from the rows."""
-    index = _load_saved(store)
+def load_index(store: Store, table: str = IMAGES) -> faiss.Index:
+    """A table's index for the store's current generation: from disk if valid, else rebuilt
+    from the rows (in memory; the next `vqret index` writes it)."""
+    index = _load_saved(store, table)
     if index is None:
-        if not rebuild_if_stale:
-            raise FileNotFoundError(store.path / INDEX_FILE)
-        ids, vectors = store.vectors()
-        index = build_index(ids, vectors)
+        index = build_index(*store.vectors(table))
     return index
 
 
-def _load_saved(store: Store) -> faiss.Index | None:
-    meta_path, index_path = store.path / INDEX_META, store.path / INDEX_FILE
+def _load_saved(store: Store, table: str) -> faiss.Index | None:
+    index_path, meta_path = index_files(store, table)
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -84,7 +84,7 @@ def _load_saved(store: Store) -> faiss.Index | None:
     except RuntimeError as e:
         log.warning("%s is damaged (%s); rebuilding it from the rows", index_path, e)
         return None
-    if index.ntotal != len(store) or index.d != store.dim:
+    if index.ntotal != store.count(table) or index.d != store.dim:
         return None
     return index
 
@@ -98,7 +98,3 @@ def search_index(
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     scores, ids = index.search(np.ascontiguousarray(queries, np.float32), k)
     return scores, ids
-
-
-def index_path(store: Store) -> Path:
-    return store.path / INDEX_FILE

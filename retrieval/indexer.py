@@ -254,6 +254,9 @@ class Indexer:
             "height": source["height"],
             "embedding": source["embedding"],
             "added_at": now_utc() if added else source["added_at"],
+            # same bytes, same codes
+            "codes": source.get("codes"),
+            "codes_tokenizer": source.get("codes_tokenizer"),
         }
 
     def _embed_and_commit(self, writer, pending, dup_of_new, old_ids) -> None:

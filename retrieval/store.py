@@ -2,17 +2,18 @@
 
 Layout of a store folder (default `<folder>/.vqret/`):
 
-    manifest.json       model, dim, schema version, the list of live parts, next id, failures
-    parts/*.parquet     immutable row files; together they are the collection's table
-    index.faiss         the search index, tagged in index.json with the generation it covers
-    model-config.json   the open_clip config when the model came from a file
+    manifest.json       model, dim, schema version, each table's live parts, next ids, failures
+    images/*.parquet    immutable row files; together they are the image table (one row/image)
+    texts/*.parquet     the text table: captions (sidecar files, `vqret index-texts`)
+    images.faiss        the search index of each table, tagged in images.json / texts.json
+    texts.faiss           with the store generation it covers
     lock                held by the one writer
 
 A commit writes new part files, then atomically replaces manifest.json (write + rename), then
 deletes the parts it superseded. Readers read the manifest first and only the parts it lists,
 so they always see the last committed state, and a writer killed at any moment leaves the
-previous state readable. `parts/` is a plain Parquet dataset: pandas, polars and duckdb read it
-as it is (`pd.read_parquet("photos/.vqret/parts")`).
+previous state readable. `images/` is a plain Parquet dataset: pandas, polars and duckdb read it
+as it is (`pd.read_parquet("photos/.vqret/images")`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from .embedder import ModelSpec
 SCHEMA_VERSION = 1
 STORE_DIRNAME = ".vqret"
 MANIFEST = "manifest.json"
-PARTS_DIR = "parts"
+IMAGES = "images"
+TEXTS = "texts"
+TABLES = (IMAGES, TEXTS)  # each table's parts live in a folder of the same name
 # Parts smaller than this are merged at the end of an indexing run, so a collection built in
 # many small commits doesn't end up as thousands of files.
 COMPACT_ROWS = 100_000
@@ -52,6 +55,7 @@ class StoreLockedError(StoreError):
 
 
 def row_schema(dim: int) -> pa.Schema:
+    """The image table: one row per image file."""
     return pa.schema(
         [
             pa.field("id", pa.int64(), nullable=False),
@@ -63,8 +67,31 @@ def row_schema(dim: int) -> pa.Schema:
             pa.field("height", pa.int32()),
             pa.field("embedding", pa.list_(pa.float32(), dim)),
             pa.field("added_at", pa.timestamp("us", tz="UTC")),
+            # The VQ tokenizer's code grid (row-major, uint16) and the tokenizer's id; null
+            # until `vqret tokenizer encode` has run with that tokenizer.
+            pa.field("codes", pa.list_(pa.uint16())),
+            pa.field("codes_tokenizer", pa.string()),
         ]
     )
+
+
+def text_schema(dim: int) -> pa.Schema:
+    """The text table: captions and other texts, searchable like images."""
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("source", pa.string()),  # sidecar path, or "file.csv:row"
+            pa.field("image_id", pa.int64()),  # the image it describes, when known
+            pa.field("hash", pa.string()),  # of (source, text): re-indexing skips what's known
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            pa.field("added_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+def table_schema(table: str, dim: int) -> pa.Schema:
+    return row_schema(dim) if table == IMAGES else text_schema(dim)
 
 
 def embeddings_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -115,7 +142,7 @@ def find_store(start: Path | None = None) -> Path | None:
         candidate = folder / STORE_DIRNAME
         if (candidate / MANIFEST).is_file():
             return candidate
-        if (folder / MANIFEST).is_file() and (folder / PARTS_DIR).is_dir():
+        if (folder / MANIFEST).is_file() and (folder / IMAGES).is_dir():
             return folder  # `start` is a store folder itself
     return None
 
@@ -148,7 +175,8 @@ class Store:
     @classmethod
     def create(cls, path: Path | str, spec: ModelSpec, root: Path | str) -> Store:
         path = Path(path)
-        (path / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        for table in TABLES:
+            (path / table).mkdir(parents=True, exist_ok=True)
         from vqret import __version__
 
         manifest = {
@@ -160,9 +188,7 @@ class Store:
             "model": spec.to_dict(),
             "dim": spec.embed_dim,
             "generation": 0,
-            "next_id": 0,
-            "parts": [],
-            "rows": 0,
+            "tables": {t: {"parts": [], "rows": 0, "next_id": 0} for t in TABLES},
             "failures": [],
         }
         write_atomic(path / MANIFEST, json.dumps(manifest, indent=2).encode())
@@ -207,14 +233,20 @@ class Store:
     def failures(self) -> list[Failure]:
         return [Failure(**f) for f in self.manifest.get("failures", [])]
 
+    def parts(self, table: str = IMAGES) -> list[str]:
+        return list(self.manifest["tables"][table]["parts"])
+
+    def count(self, table: str = IMAGES) -> int:
+        return int(self.manifest["tables"][table]["rows"])
+
     def __len__(self) -> int:
-        return int(self.manifest.get("rows", 0))
+        return self.count(IMAGES)
 
     # ---- reading --------------------------------------------------------------------------
-    def read_table(self, columns: list[str] | None = None) -> pa.Table:
-        """The committed rows (all parts the manifest lists), as one Arrow table."""
+    def read_table(self, columns: list[str] | None = None, table: str = IMAGES) -> pa.Table:
+        """The committed rows of `table` (all parts the manifest lists), as one Arrow table."""
         for attempt in range(5):
-            parts = [self.path / PARTS_DIR / name for name in self.manifest["parts"]]
+            parts = [self.path / table / name for name in self.parts(table)]
             try:
                 tables = [pq.read_table(p, columns=columns) for p in parts]
                 break
@@ -225,23 +257,25 @@ class Store:
         else:
             raise StoreError(f"{self.path}: parts keep changing under the reader; try again")
         if not tables:
-            schema = row_schema(self.dim)
+            schema = table_schema(table, self.dim)
             if columns:
                 schema = pa.schema([schema.field(c) for c in columns])
             return schema.empty_table()
         return pa.concat_tables(tables)
 
-    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 (N,), embeddings float32 (N, D)) of the committed rows."""
-        table = self.read_table(["id", "embedding"])
-        ids = table.column("id").to_numpy().astype(np.int64, copy=False)
-        return ids, embeddings_from_arrow(table.column("embedding"), self.dim)
+    def vectors(self, table: str = IMAGES) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 (N,), embeddings float32 (N, D)) of the committed rows of `table`."""
+        rows = self.read_table(["id", "embedding"], table)
+        ids = rows.column("id").to_numpy().astype(np.int64, copy=False)
+        return ids, embeddings_from_arrow(rows.column("embedding"), self.dim)
 
-    def rows_by_id(self, ids: Iterable[int], columns: list[str] | None = None) -> dict[int, dict]:
+    def rows_by_id(
+        self, ids: Iterable[int], columns: list[str] | None = None, table: str = IMAGES
+    ) -> dict[int, dict]:
         wanted = pa.array(list(ids), pa.int64())
-        table = self.read_table(columns)
-        table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
-        return {row["id"]: row for row in table.to_pylist()}
+        rows = self.read_table(columns, table)
+        rows = rows.filter(pc.is_in(rows.column("id"), value_set=wanted))
+        return {row["id"]: row for row in rows.to_pylist()}
 
     # ---- writing --------------------------------------------------------------------------
     def writer(self, wait: float = 0) -> StoreWriter:
@@ -278,7 +312,7 @@ class StoreWriter:
         (store.path / "writer.pid").write_text(str(os.getpid()))
         store.refresh()
         self._remove_leftovers()
-        self._part_ids: dict[str, np.ndarray] = {}
+        self._part_ids: dict[tuple[str, str], np.ndarray] = {}
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -299,33 +333,39 @@ class StoreWriter:
 
     def _remove_leftovers(self) -> None:
         """Parts and temp files of a writer that was killed before it committed them."""
-        live = set(self.manifest["parts"])
-        for f in (self.store.path / PARTS_DIR).iterdir():
-            if f.name not in live:
-                f.unlink(missing_ok=True)
+        for table in TABLES:
+            folder = self.store.path / table
+            folder.mkdir(exist_ok=True)
+            live = set(self.store.parts(table))
+            for f in folder.iterdir():
+                if f.name not in live:
+                    f.unlink(missing_ok=True)
         for f in self.store.path.glob(".tmp-*"):
             f.unlink(missing_ok=True)
 
-    def _ids_of(self, part: str) -> np.ndarray:
-        if part not in self._part_ids:
-            table = pq.read_table(self.store.path / PARTS_DIR / part, columns=["id"])
-            self._part_ids[part] = table.column("id").to_numpy()
-        return self._part_ids[part]
+    def _ids_of(self, table: str, part: str) -> np.ndarray:
+        key = (table, part)
+        if key not in self._part_ids:
+            rows = pq.read_table(self.store.path / table / part, columns=["id"])
+            self._part_ids[key] = rows.column("id").to_numpy()
+        return self._part_ids[key]
 
-    def allocate_ids(self, n: int) -> np.ndarray:
-        start = int(self.manifest["next_id"])
-        self.manifest["next_id"] = start + n
+    def allocate_ids(self, n: int, table: str = IMAGES) -> np.ndarray:
+        """Fresh ids, never handed out before in this store (committed with the next commit)."""
+        entry = self.manifest["tables"][table]
+        start = int(entry["next_id"])
+        entry["next_id"] = start + n
         return np.arange(start, start + n, dtype=np.int64)
 
-    def _write_part(self, table: pa.Table) -> str:
+    def _write_part(self, table: str, rows: pa.Table) -> str:
         name = f"part-{self.store.generation + 1:06d}-{uuid.uuid4().hex[:8]}.parquet"
-        final = self.store.path / PARTS_DIR / name
+        final = self.store.path / table / name
         tmp = final.with_name(f".tmp-{name}")
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(rows, tmp, compression="zstd")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        self._part_ids[name] = table.column("id").to_numpy()
+        self._part_ids[(table, name)] = rows.column("id").to_numpy()
         return name
 
     def commit(
@@ -333,16 +373,16 @@ class StoreWriter:
         add: pa.Table | None = None,
         remove_ids: Iterable[int] = (),
         failures: list[Failure] | None = None,
+        table: str = IMAGES,
         **manifest_updates: Any,
     ) -> None:
-        """Atomically add rows and drop rows by id (a replaced row is dropped and re-added)."""
+        """Atomically add rows to `table` and drop rows by id (replace = drop + add)."""
         remove = np.fromiter(remove_ids, dtype=np.int64)
-        parts = list(self.manifest["parts"])
         new_parts: list[str] = []
         superseded: list[str] = []
-        rows = int(self.manifest["rows"])
-        for part in parts:
-            ids = self._ids_of(part)
+        rows = self.store.count(table)
+        for part in self.store.parts(table):
+            ids = self._ids_of(table, part)
             hit = np.isin(ids, remove) if len(remove) else np.zeros(len(ids), bool)
             if not hit.any():
                 new_parts.append(part)
@@ -351,40 +391,38 @@ class StoreWriter:
             rows -= int(hit.sum())
             if hit.all():
                 continue
-            table = pq.read_table(self.store.path / PARTS_DIR / part)
-            new_parts.append(self._write_part(table.filter(pa.array(~hit))))
+            kept = pq.read_table(self.store.path / table / part).filter(pa.array(~hit))
+            new_parts.append(self._write_part(table, kept))
         if add is not None and add.num_rows:
-            new_parts.append(self._write_part(add.cast(row_schema(self.store.dim))))
+            schema = table_schema(table, self.store.dim)
+            for field in schema:  # columns the caller leaves out are null (e.g. codes)
+                if field.name not in add.column_names:
+                    add = add.append_column(field, pa.nulls(add.num_rows, field.type))
+            new_parts.append(self._write_part(table, add.select(schema.names).cast(schema)))
             rows += add.num_rows
-        self._publish(new_parts, superseded, rows, failures, manifest_updates)
+        self._publish(table, new_parts, superseded, rows, failures, manifest_updates)
 
-    def compact(self, max_rows: int = COMPACT_ROWS) -> None:
+    def compact(self, table: str = IMAGES, max_rows: int = COMPACT_ROWS) -> None:
         """Merge small parts (fewer than max_rows rows together) into one."""
-        parts = list(self.manifest["parts"])
-        small = [p for p in parts if len(self._ids_of(p)) < max_rows]
-        if len(small) < 2:
-            return
+        parts = self.store.parts(table)
         merged: list[str] = []
         total = 0
-        for p in small:
-            if total + len(self._ids_of(p)) > max_rows and merged:
-                break
-            merged.append(p)
-            total += len(self._ids_of(p))
+        for p in parts:
+            n = len(self._ids_of(table, p))
+            if n < max_rows and total + n <= max_rows:
+                merged.append(p)
+                total += n
         if len(merged) < 2:
             return
-        table = pa.concat_tables(
-            [pq.read_table(self.store.path / PARTS_DIR / p) for p in merged]
-        )
+        rows = pa.concat_tables([pq.read_table(self.store.path / table / p) for p in merged])
         kept = [p for p in parts if p not in merged]
-        new = self._write_part(table)
-        self._publish(kept + [new], merged, int(self.manifest["rows"]), None, {})
+        new = self._write_part(table, rows)
+        self._publish(table, kept + [new], merged, self.store.count(table), None, {})
 
-    def _publish(self, parts, superseded, rows, failures, updates) -> None:
-        manifest = dict(self.manifest)
+    def _publish(self, table, parts, superseded, rows, failures, updates) -> None:
+        manifest = json.loads(json.dumps(self.manifest))  # deep copy: readers share none of it
         manifest.update(updates)
-        manifest["parts"] = parts
-        manifest["rows"] = rows
+        manifest["tables"][table].update(parts=parts, rows=rows)
         manifest["generation"] = self.store.generation + 1
         manifest["updated_at"] = now_utc().isoformat()
         if failures is not None:
@@ -392,8 +430,8 @@ class StoreWriter:
         write_atomic(self.store.path / MANIFEST, json.dumps(manifest, indent=2).encode())
         self.store.manifest = manifest
         for part in superseded:
-            (self.store.path / PARTS_DIR / part).unlink(missing_ok=True)
-            self._part_ids.pop(part, None)
+            (self.store.path / table / part).unlink(missing_ok=True)
+            self._part_ids.pop((table, part), None)
 
 
 def _read_pid(path: Path) -> str | None:

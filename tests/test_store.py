@@ -10,21 +10,20 @@ import pyarrow.parquet as pq
 import pytest
 from vqret.retrieval.embedder import ModelSpec
 from vqret.retrieval.index import (
-    INDEX_FILE,
     build_index,
+    index_files,
     load_index,
     save_index,
     search_index,
 )
 from vqret.retrieval.store import (
-    PARTS_DIR,
+    IMAGES,
     Store,
     StoreError,
     StoreLockedError,
     embeddings_to_arrow,
     find_store,
     now_utc,
-    row_schema,
 )
 
 DIM = 8
@@ -45,9 +44,8 @@ def make_rows(ids, dim=DIM, seed=0) -> pa.Table:
             "height": pa.array([64] * len(ids), pa.int32()),
             "embedding": embeddings_to_arrow(vectors),
             "added_at": pa.array([now_utc()] * len(ids), pa.timestamp("us", "UTC")),
-        },
-        schema=row_schema(dim),
-    )
+        }
+    )  # no codes columns: the store fills them with nulls
 
 
 @pytest.fixture
@@ -68,31 +66,32 @@ def test_commit_add_replace_remove(store):
     ids, vectors = reader.vectors()
     # the replaced row carries its new embedding, addressed by id, not position
     assert np.allclose(vectors[list(ids).index(2)], make_rows([2], seed=5)["embedding"][0].values)
-    # parts/ is a plain Parquet dataset: readable as-is, with no stale rows left behind
-    assert pq.read_table(store.path / PARTS_DIR).num_rows == 3
+    # images/ is a plain Parquet dataset: readable as-is, with no stale rows left behind
+    assert pq.read_table(store.path / IMAGES).num_rows == 3
+    assert table.column("codes").null_count == 3
 
 
 def test_compact_merges_parts_and_keeps_rows(store):
     with store.writer() as w:
         for i in range(5):
             w.commit(make_rows([i], seed=i))
-        assert len(store.manifest["parts"]) == 5
+        assert len(store.parts()) == 5
         w.compact()
-    assert len(store.manifest["parts"]) == 1
+    assert len(store.parts()) == 1
     assert sorted(Store(store.path).read_table().column("id").to_pylist()) == [0, 1, 2, 3, 4]
-    assert len(list((store.path / PARTS_DIR).iterdir())) == 1
+    assert len(list((store.path / IMAGES).iterdir())) == 1
 
 
 def test_killed_writer_leftovers_are_ignored_then_cleaned(store):
     with store.writer() as w:
         w.commit(make_rows([0, 1]))
     # a writer killed after writing a part but before publishing the manifest
-    pq.write_table(make_rows([7]), store.path / PARTS_DIR / "part-999999-dead.parquet")
+    pq.write_table(make_rows([7]), store.path / IMAGES / "part-999999-dead.parquet")
     (store.path / ".tmp-manifest.json-x").write_text("{half")
     assert sorted(Store(store.path).read_table().column("id").to_pylist()) == [0, 1]
     with store.writer():
         pass
-    assert not (store.path / PARTS_DIR / "part-999999-dead.parquet").exists()
+    assert not (store.path / IMAGES / "part-999999-dead.parquet").exists()
     assert not list(store.path.glob(".tmp-*"))
 
 
@@ -150,7 +149,7 @@ def test_stale_or_damaged_index_is_rebuilt_from_rows(store):
         w.commit(make_rows([2]))  # the saved index now lags the rows
     assert load_index(store).ntotal == 3
     save_index(store, build_index(*store.vectors()))
-    (store.path / INDEX_FILE).write_bytes(b"garbage")
+    index_files(store)[0].write_bytes(b"garbage")
     index = load_index(store)
     assert index.ntotal == 3
     assert set(search_index(index, store.vectors()[1][:1], 3)[1][0]) == {0, 1, 2}
