@@ -99,6 +99,17 @@ def index(
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for another writer of the store.")
     ] = 0.0,
+    index_type: Annotated[
+        str | None,
+        typer.Option(
+            "--index",
+            help="auto | flat | hnsw | ivf | ivfpq [default: auto, or the store's last choice]",
+        ),
+    ] = None,
+    index_memory: Annotated[
+        str | None,
+        typer.Option("--index-memory", help="Memory budget of the index, e.g. 4G [RAM/4]."),
+    ] = None,
     commit_every: Annotated[
         int, typer.Option("--commit-every", min=1, help="Commit after this many new images.")
     ] = 512,
@@ -122,7 +133,14 @@ def index(
             num_workers=workers,
         )
         show_progress = not (as_json or quiet) and err.is_terminal
-        options = {"wait": wait, "commit_every": commit_every}
+        from vqret.retrieval.ann import parse_bytes
+
+        options = {
+            "wait": wait,
+            "commit_every": commit_every,
+            "index_kind": index_type,
+            "index_memory": parse_bytes(index_memory) if index_memory else None,
+        }
         report = _run_index(collection, folder, options, show_progress, quiet)
     if as_json:
         print(json.dumps(report.to_dict()))
@@ -256,7 +274,11 @@ def info(
         print(json.dumps(facts, indent=2))
         return
     for key, value in facts.items():
-        if key != "failures":
+        if key == "index":
+            out.print(f"[bold]{'index':>15}[/]")
+            for name, fact in value.items():
+                out.print(f"{name:>19}  {fact}", highlight=False, markup=False)
+        elif key != "failures":
             out.print(f"[bold]{key:>15}[/]  {value}", highlight=False)
     failures = facts["failures"]
     out.print(f"[bold]{'failures':>15}[/]  {len(failures)}")
@@ -299,6 +321,11 @@ def bench_speed(
     else:
         for key, value in result.items():
             out.print(f"{key:>28}  {value}", highlight=False)
+
+
+from vqret.cli.serve import register as _register_serve  # noqa: E402
+
+_register_serve(app)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -214,8 +214,23 @@ class Collection:
             "generation": m["generation"],
             "parts": len(self.store.parts()),
             "texts": self.store.count("texts"),
+            "index": self._index_facts(),
             "failures": m.get("failures", []),
         }
+
+    def _index_facts(self) -> dict[str, Any]:
+        from .index import read_meta
+
+        meta = read_meta(self.store)
+        if meta is None:
+            return {"kind": "none yet (rebuilt from the rows when searched)"}
+        plan = meta.get("plan", {})
+        facts = {k: plan.get(k) for k in (
+            "kind", "factory", "params", "recall_at_10", "query_ms", "bytes_per_vector",
+            "reason", "rebuild_rule",
+        )}
+        facts["up_to_date"] = meta.get("generation") == self.store.generation
+        return facts
 
 
 def _remove_store(path: Path) -> None:

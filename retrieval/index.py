@@ -1,8 +1,11 @@
-"""The FAISS index over a store's rows: vectors are addressed by row id, never by position.
+"""The FAISS index of a store table: vectors addressed by row id, never by position.
 
-Exact inner-product search over L2-normalised vectors (= cosine). The index is a cache of the
-Parquet rows: `index.json` records the store generation it was built from, and a missing,
-stale or damaged index file is rebuilt from the rows.
+Inner product over L2-normalised vectors (= cosine). The index is a cache of the Parquet rows:
+`<table>.json` records the store generation it covers and the plan it was built with (type,
+parameters, measured recall and latency). After an indexing run the index is updated in place
+(remove + add of the ids the run changed) when the saved one covers the generation the run
+started from, and rebuilt otherwise; readers rebuild an exact index from the rows when the
+saved one is missing or damaged.
 """
 
 from __future__ import annotations
@@ -11,14 +14,19 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from . import ann
 from .store import IMAGES, Store, write_atomic
 
 log = logging.getLogger(__name__)
+
+# Memory-map index files larger than this share of RAM instead of reading them in.
+MMAP_SHARE = 0.25
 
 
 def index_files(store: Store, table: str = IMAGES) -> tuple[Path, Path]:
@@ -32,9 +40,8 @@ def gpu_count() -> int:
 
 
 def build_index(ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
-    """IndexIDMap2(Flat inner product) holding `vectors` (N, D) under int64 `ids` (N,)."""
-    dim = vectors.shape[1]
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    """Exact index: IndexIDMap2(Flat inner product), `vectors` (N, D) under int64 `ids` (N,)."""
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids.astype(np.int64))
     return index
@@ -47,54 +54,143 @@ def to_search_device(index: faiss.Index) -> faiss.Index:
     try:
         resources = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(resources, 0, index)
-    except Exception as e:  # noqa: BLE001 - a GPU that can't take it falls back to the CPU
-        log.warning("faiss GPU unavailable (%s); searching on the CPU", e)
+    except Exception as e:  # noqa: BLE001 - an index type the GPU can't take stays on the CPU
+        log.warning("faiss GPU unavailable for this index (%s); searching on the CPU", e)
         return index
 
 
-def save_index(store: Store, index: faiss.Index, table: str = IMAGES) -> None:
-    """Write the index and the generation it covers, each atomically (index first)."""
+def read_meta(store: Store, table: str = IMAGES) -> dict | None:
+    try:
+        return json.loads(index_files(store, table)[1].read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def save_index(
+    store: Store, index: faiss.Index, table: str = IMAGES, plan: ann.IndexPlan | None = None
+) -> None:
+    """Write the index, then its metadata (generation covered, plan), each atomically."""
     final, meta_path = index_files(store, table)
     tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
-    faiss.write_index(index, str(tmp))
+    faiss.write_index(faiss.index_gpu_to_cpu(index) if gpu_count() else index, str(tmp))
     os.replace(tmp, final)
-    meta = {"generation": store.generation, "ntotal": int(index.ntotal), "type": "flat"}
-    write_atomic(meta_path, json.dumps(meta).encode())
+    plan = plan or ann.plan_index(int(index.ntotal), store.dim, "flat")
+    meta = {"generation": store.generation, "ntotal": int(index.ntotal), "plan": plan.to_dict()}
+    write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+
+
+def _read_faiss(path: Path) -> faiss.Index:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 1 << 34
+    if path.stat().st_size > MMAP_SHARE * ram:
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        except RuntimeError:
+            log.info("%s can't be memory-mapped; reading it in", path)
+    return faiss.read_index(str(path))
+
+
+def load_saved(store: Store, table: str = IMAGES, any_generation: bool = False):
+    """(index, meta) saved for the store's current generation (or any, if asked), or None."""
+    meta = read_meta(store, table)
+    path = index_files(store, table)[0]
+    if meta is None or not path.is_file():
+        return None
+    if not any_generation and meta.get("generation") != store.generation:
+        return None
+    try:
+        index = _read_faiss(path)
+    except RuntimeError as e:
+        log.warning("%s is damaged (%s); rebuilding it from the rows", path, e)
+        return None
+    if index.d != store.dim or index.ntotal != meta.get("ntotal"):
+        return None
+    return index, meta
 
 
 def load_index(store: Store, table: str = IMAGES) -> faiss.Index:
-    """A table's index for the store's current generation: from disk if valid, else rebuilt
-    from the rows (in memory; the next `vqret index` writes it)."""
-    index = _load_saved(store, table)
-    if index is None:
-        index = build_index(*store.vectors(table))
-    return index
-
-
-def _load_saved(store: Store, table: str) -> faiss.Index | None:
-    index_path, meta_path = index_files(store, table)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if meta.get("generation") != store.generation or not index_path.is_file():
-        return None
-    try:
-        index = faiss.read_index(str(index_path))
-    except RuntimeError as e:
-        log.warning("%s is damaged (%s); rebuilding it from the rows", index_path, e)
-        return None
-    if index.ntotal != store.count(table) or index.d != store.dim:
-        return None
-    return index
+    """The index a reader searches: the saved one when it covers the current generation;
+    while a writer runs, a saved approximate index of an earlier generation (results whose
+    row is gone are dropped by the caller); else an exact index rebuilt from the rows."""
+    saved = load_saved(store, table)
+    if saved is None:
+        stale = load_saved(store, table, any_generation=True)
+        if stale is not None and stale[1]["plan"]["kind"] != "flat":
+            return stale[0]  # rebuilding an ANN index in a reader would cost minutes
+        return build_index(*store.vectors(table))
+    return saved[0]
 
 
 def search_index(
     index: faiss.Index, queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, ids), each (Q, k'), with k' = min(k, ntotal); -1 ids never returned."""
+    """Top-k (scores, ids), each (Q, k'), with k' = min(k, ntotal); missing slots have id -1."""
     k = min(int(k), int(index.ntotal))
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    scores, ids = index.search(np.ascontiguousarray(queries, np.float32), k)
-    return scores, ids
+    return index.search(np.ascontiguousarray(queries, np.float32), k)
+
+
+def update_index(
+    store: Store,
+    table: str = IMAGES,
+    *,
+    kind: str | None = None,
+    memory: int | None = None,
+    start_generation: int | None = None,
+    changed_ids: Iterable[int] | None = None,
+    removed: bool = True,
+) -> ann.IndexPlan:
+    """Bring a table's saved index up to the store's current generation; returns its plan.
+
+    `changed_ids` (ids the run removed, added or replaced) allow an in-place update when the
+    saved index covers `start_generation` and its type still fits; otherwise it is rebuilt.
+    `kind` None keeps the type asked for last time (default auto).
+    """
+    meta = read_meta(store, table)
+    previous = ann.IndexPlan.from_dict(meta["plan"]) if meta and "plan" in meta else None
+    asked = kind or (meta or {}).get("asked", "auto")
+    n = store.count(table)
+    plan = ann.plan_index(n, store.dim, asked, memory)
+    index = None
+    if (
+        previous is not None
+        and changed_ids is not None
+        and previous.kind == plan.kind != "flat"
+        and meta.get("generation") == start_generation
+        and n <= ann.RETRAIN_GROWTH * max(previous.trained_n, 1)
+        and not (plan.kind == "hnsw" and removed)
+    ):
+        saved = load_saved(store, table, any_generation=True)
+        if saved is not None:
+            index, _ = saved
+            plan = previous
+            _apply_changes(store, table, index, set(changed_ids))
+    if index is None:
+        ids, vectors = store.vectors(table)
+        if plan.kind == "flat":
+            index = build_index(ids, vectors)
+        else:
+            index = ann.build_index(plan, ids, vectors)
+    if plan.kind != "flat":
+        ids, vectors = store.vectors(table)
+        ann.tune(index, plan, vectors, ids)
+    save_index(store, index, table, plan)
+    meta = read_meta(store, table) or {}
+    meta["asked"] = asked
+    write_atomic(index_files(store, table)[1], json.dumps(meta, indent=2).encode())
+    return plan
+
+
+def _apply_changes(store: Store, table: str, index: faiss.Index, changed: set[int]) -> None:
+    if not changed:
+        return
+    wanted = np.fromiter(changed, dtype=np.int64)
+    index.remove_ids(faiss.IDSelectorBatch(wanted))
+    rows = store.rows_by_id(changed, columns=["id", "embedding"], table=table)
+    if rows:
+        ids = np.fromiter(rows.keys(), dtype=np.int64)
+        vectors = np.asarray([rows[i]["embedding"] for i in ids], dtype=np.float32)
+        index.add_with_ids(vectors, ids)

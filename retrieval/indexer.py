@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from .embedder import Embedder
-from .index import build_index, save_index
+from .index import update_index
 from .store import (
+    IMAGES,
     Failure,
     Store,
     StoreWriter,
@@ -49,6 +50,7 @@ class IndexReport:
     embedded: int = 0  # images that went through the model
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
+    index: dict[str, Any] = field(default_factory=dict)  # the search index's plan
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class IndexReport:
             "embedded": self.embedded,
             "failed": [f.to_dict() for f in self.failed],
             "seconds": round(self.seconds, 3),
+            "index": {k: self.index.get(k) for k in ("kind", "factory", "params", "recall_at_10")},
         }
 
 
@@ -96,6 +99,8 @@ class Indexer:
         commit_seconds: float = 30.0,
         on_progress: ProgressCallback | None = None,
         on_failure: Callable[[Failure], None] | None = None,
+        index_kind: str | None = None,
+        index_memory: int | None = None,
     ):
         self.store = store
         self.embedder = embedder
@@ -104,6 +109,8 @@ class Indexer:
         self.commit_seconds = commit_seconds
         self.on_progress = on_progress
         self.on_failure = on_failure
+        self.index_kind = index_kind
+        self.index_memory = index_memory
         self.report = IndexReport()
         self._planned: dict[int, str] = {}  # row id -> "added" | "updated", for the counts
 
@@ -208,7 +215,14 @@ class Indexer:
         writer.compact()
         # Failing files are retried every run, so this run's failures are the whole list.
         writer.commit(failures=self.report.failed)
-        save_index(self.store, build_index(*self.store.vectors()))
+        self.report.index = update_index(
+            self.store,
+            kind=self.index_kind,
+            memory=self.index_memory,
+            start_generation=writer.start_generation,
+            changed_ids=writer.changed_ids(),
+            removed=bool(writer.removed[IMAGES]),
+        ).to_dict()
         self.report.seconds = time.perf_counter() - start
         return self.report
 

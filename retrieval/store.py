@@ -313,6 +313,10 @@ class StoreWriter:
         store.refresh()
         self._remove_leftovers()
         self._part_ids: dict[tuple[str, str], np.ndarray] = {}
+        # What this writer changed, so the search index can be updated instead of rebuilt.
+        self.start_generation = store.generation
+        self.added: dict[str, set[int]] = {t: set() for t in TABLES}
+        self.removed: dict[str, set[int]] = {t: set() for t in TABLES}
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -350,6 +354,9 @@ class StoreWriter:
             self._part_ids[key] = rows.column("id").to_numpy()
         return self._part_ids[key]
 
+    def changed_ids(self, table: str = IMAGES) -> set[int]:
+        return self.added[table] | self.removed[table]
+
     def allocate_ids(self, n: int, table: str = IMAGES) -> np.ndarray:
         """Fresh ids, never handed out before in this store (committed with the next commit)."""
         entry = self.manifest["tables"][table]
@@ -378,6 +385,7 @@ class StoreWriter:
     ) -> None:
         """Atomically add rows to `table` and drop rows by id (replace = drop + add)."""
         remove = np.fromiter(remove_ids, dtype=np.int64)
+        self.removed[table].update(remove.tolist())
         new_parts: list[str] = []
         superseded: list[str] = []
         rows = self.store.count(table)
@@ -400,6 +408,7 @@ class StoreWriter:
                     add = add.append_column(field, pa.nulls(add.num_rows, field.type))
             new_parts.append(self._write_part(table, add.select(schema.names).cast(schema)))
             rows += add.num_rows
+            self.added[table].update(add.column("id").to_pylist())
         self._publish(table, new_parts, superseded, rows, failures, manifest_updates)
 
     def compact(self, table: str = IMAGES, max_rows: int = COMPACT_ROWS) -> None:
