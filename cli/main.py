@@ -220,8 +220,11 @@ def search(
     grid: Annotated[
         Path | None, typer.Option("--grid", help="Also write the results as one picture.")
     ] = None,
+    texts: Annotated[
+        bool, typer.Option("--texts", help="Search the text rows (captions) instead of images.")
+    ] = False,
 ) -> None:
-    """Top-k images for a text QUERY or --image, with cosine scores."""
+    """Top-k images (or --texts) for a text QUERY or --image, with cosine scores."""
     if (query is None) == (image is None):
         fail('give a text query or --image PATH (not both), e.g. vqret search "a red car"')
     if query is not None and not query.strip():
@@ -230,17 +233,28 @@ def search(
         from vqret.retrieval.collection import Collection
 
         collection = Collection.open(store, device=device)
-        results = collection.search(text=query, image=image, k=k)
+        results = collection.search(text=query, image=image, k=k, texts=texts)
         if grid is not None:
             from vqret.retrieval.grid import render_grid
 
-            items = [(collection.resolve(r), f"#{r.rank}  {r.score:.3f}") for r in results]
+            items = [(collection.resolve(r), f"#{r.rank}  {r.score:.3f}") for r in results
+                     if r.path is not None]
             render_grid(items, grid, title=query or f"like {image.name}")
     if as_json:
         print(json.dumps([r.to_dict() for r in results]))
     elif files:
         for r in results:
-            print(collection.resolve(r))
+            print(r.text if texts else collection.resolve(r))
+    elif texts:
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False)
+        for column in ("rank", "score", "text", "image"):
+            table.add_column(column, justify="right" if column in ("rank", "score") else "left",
+                             overflow="fold")
+        for r in results:
+            table.add_row(str(r.rank), f"{r.score:.4f}", r.text, r.path or "")
+        out.print(table)
     else:
         from rich.table import Table
 
@@ -253,6 +267,25 @@ def search(
         out.print(table)
     if grid is not None and not as_json and not files:
         err.print(f"wrote {grid}", highlight=False)
+
+
+@app.command("index-texts")
+def index_texts(
+    file: Annotated[Path, typer.Argument(help="CSV or JSONL: text (or caption), optional image.")],
+    store: StoreOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Add texts (captions) to the store's text index; again, it updates that file's rows."""
+    with clean_errors():
+        from vqret.retrieval.collection import Collection
+
+        report = Collection.open(store, device=device).index_texts(file)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        out.print(f"{report['added']} added, {report['removed']} removed, "
+                  f"{report['unchanged']} unchanged texts from {file}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -326,6 +359,52 @@ def bench_speed(
 from vqret.cli.serve import register as _register_serve  # noqa: E402
 
 _register_serve(app)
+
+
+@bench_app.command("recall")
+def bench_recall(
+    captions: Annotated[Path, typer.Option(help="COCO captions_*.json, Karpathy dataset_*.json, "
+                                                "or CSV/JSONL of image,caption rows.")],
+    images: Annotated[Path, typer.Option(help="Folder the caption file's image paths are in.")],
+    model: str = "ViT-B-32",
+    pretrained: str = "laion2b_s34b_b79k",
+    k: Annotated[str, typer.Option("--k", help="Comma-separated k values.")] = "1,5,10",
+    split: Annotated[str | None, typer.Option(help="Karpathy split, e.g. test.")] = None,
+    device: DeviceOpt = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (AMP)")] = "fp32",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
+    index_type: Annotated[
+        str | None, typer.Option("--index", help="Also through this ANN index: hnsw|ivf|...")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """text->image and image->text recall@k, defined exactly as CLIP_benchmark."""
+    with clean_errors():
+        from vqret.benchmarks.recall import run_recall_benchmark
+
+        ks = [int(v) for v in k.split(",") if v.strip()]
+        result = run_recall_benchmark(
+            captions, images, model=model, pretrained=pretrained, ks=ks, split=split,
+            device=device, precision=precision, batch_size=batch_size, index=index_type,
+            log=None if as_json else err.print,
+        )
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']} ({result['pretrained']}), {result['images']} images, "
+                        f"{result['captions']} captions, {result['precision']}")
+    table.add_column("metric")
+    table.add_column("exact", justify="right")
+    if "ann" in result:
+        table.add_column(f"index: {result['index']}", justify="right")
+    for name, value in result["exact"].items():
+        row = [name, f"{value:.2f}"]
+        if "ann" in result:
+            row.append(f"{result['ann'][name]:.2f}")
+        table.add_row(*row)
+    out.print(table)
 
 
 def main() -> None:  # pragma: no cover - console entry

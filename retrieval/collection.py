@@ -18,18 +18,23 @@ from PIL import Image
 
 from .embedder import DEFAULT_MODEL, DEFAULT_PRETRAINED, Embedder
 from .images import load_image
-from .store import STORE_DIRNAME, Store, StoreError, find_store
+from .store import IMAGES, STORE_DIRNAME, TEXTS, Store, StoreError, find_store
 
 
 @dataclass(frozen=True)
 class SearchResult:
     rank: int  # 1-based
-    id: int
-    path: str  # as stored: relative to the indexed folder
+    id: int  # row id in its table (images, or texts for text results)
+    path: str | None  # image path as stored (relative to the indexed folder); a text: its image
     score: float  # cosine similarity
+    text: str | None = None  # set for results from the text table
+    image_id: int | None = None  # for a text: the image it describes, when known
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score}
+        out = {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score}
+        if self.text is not None:
+            out.update(text=self.text, image_id=self.image_id)
+        return out
 
 
 class Collection:
@@ -39,10 +44,10 @@ class Collection:
         self.store = store
         self._embedder = embedder
         self._embedder_kwargs = embedder_kwargs
-        self._index = None
+        # search indexes and id -> row lookups, valid for one store generation
+        self._indexes: dict[str, Any] = {}
+        self._lookups: dict[str, dict[int, dict]] = {}
         self._index_generation: int | None = None
-        self._path_of: dict[int, str] = {}
-        self._paths_generation: int | None = None
 
     # ---- opening --------------------------------------------------------------------------
     @classmethod
@@ -123,19 +128,44 @@ class Collection:
         """Index the store's folder (or `folder`) incrementally; returns an IndexReport."""
         from .indexer import index_folder
 
-        report = index_folder(self.store, self.embedder, Path(folder or self.store.root), **kwargs)
-        self._index = None
-        return report
+        return index_folder(self.store, self.embedder, Path(folder or self.store.root), **kwargs)
+
+    def index_texts(self, file: str | os.PathLike, *, wait: float = 0) -> dict[str, Any]:
+        """Add the texts of a CSV/JSONL file (`text` or `caption`, optional `image` column) to
+        the text table; running it again updates that file's rows. Returns the counts."""
+        from .index import update_index
+        from .texts import caption_file_rows, from_file, sync_texts
+
+        path = Path(file)
+        if not path.is_file():
+            raise StoreError(f"{path}: no such file")
+        with self.store.writer(wait) as writer:
+            images = self.store.read_table(["id", "path"])
+            image_ids = dict(zip(images.column("path").to_pylist(),
+                                 images.column("id").to_pylist(), strict=True))
+            rows = caption_file_rows(path, image_ids)
+            report = sync_texts(writer, self.embedder, rows, owned=from_file(path.name))
+            update_index(
+                self.store,
+                TEXTS,
+                start_generation=writer.start_generation[TEXTS],
+                changed_ids=writer.changed_ids(TEXTS),
+                removed=bool(writer.removed[TEXTS]),
+            )
+        return report.to_dict()
 
     # ---- searching ------------------------------------------------------------------------
-    def _search_index(self):
+    def _search_index(self, table: str = IMAGES):
         from .index import load_index, to_search_device
 
         self.store.refresh()  # answer from the last committed state, even while indexing
-        if self._index is None or self._index_generation != self.store.generation:
-            self._index = to_search_device(load_index(self.store))
+        if self._index_generation != self.store.generation:
+            self._indexes.clear()
+            self._lookups.clear()
             self._index_generation = self.store.generation
-        return self._index
+        if table not in self._indexes:
+            self._indexes[table] = to_search_device(load_index(self.store, table))
+        return self._indexes[table]
 
     def query_embedding(
         self,
@@ -160,13 +190,17 @@ class Collection:
         *,
         embedding: np.ndarray | None = None,
         k: int = 10,
+        texts: bool = False,
     ) -> list[SearchResult]:
-        """Top-k rows by cosine similarity to a text, an image, or an embedding."""
+        """Top-k images (or texts, with texts=True) by cosine similarity to a text, an image,
+        or an embedding."""
         if k < 1:
             raise ValueError("k must be >= 1")
-        index = self._search_index()
+        table = TEXTS if texts else IMAGES
+        index = self._search_index(table)
         if index.ntotal == 0:
-            raise StoreError(f"{self.store.path} is empty: index some images first")
+            what = "texts (add captions with `vqret index-texts`)" if texts else "images"
+            raise StoreError(f"{self.store.path} has no {what}: index some first")
         if embedding is None:
             embedding = self.query_embedding(text=text, image=image)
         query = np.asarray(embedding, np.float32).reshape(1, -1)
@@ -175,23 +209,27 @@ class Collection:
         from .index import search_index
 
         scores, ids = search_index(index, query, k)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        paths = self._paths()
-        return [
-            SearchResult(rank, i, paths[i], score)
-            for rank, (i, score) in enumerate(found, start=1)
-            if i in paths
-        ]
+        # ids whose row is gone (an index of an earlier generation, mid-run) are dropped
+        rows = self._lookup(table)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i in rows]
+        if table == IMAGES:
+            return [SearchResult(rank, i, rows[i]["path"], score)
+                    for rank, (i, score) in enumerate(found, start=1)]
+        paths = self._lookup(IMAGES)
+        results = []
+        for rank, (i, score) in enumerate(found, start=1):
+            image_id = rows[i]["image_id"]
+            path = paths[image_id]["path"] if image_id in paths else None
+            results.append(SearchResult(rank, i, path, score, rows[i]["text"], image_id))
+        return results
 
-    def _paths(self) -> dict[int, str]:
-        """id -> path of the rows the current index was built from (cached per generation)."""
-        if self._paths_generation != self._index_generation:
-            table = self.store.read_table(["id", "path"])
-            self._path_of = dict(
-                zip(table.column("id").to_pylist(), table.column("path").to_pylist(), strict=True)
-            )
-            self._paths_generation = self._index_generation
-        return self._path_of
+    def _lookup(self, table: str) -> dict[int, dict]:
+        """id -> row (without embeddings) of a table, cached for the current generation."""
+        if table not in self._lookups:
+            columns = ["id", "path"] if table == IMAGES else ["id", "text", "image_id"]
+            rows = self.store.read_table(columns, table).to_pylist()
+            self._lookups[table] = {r["id"]: r for r in rows}
+        return self._lookups[table]
 
     def resolve(self, result: SearchResult | str) -> Path:
         """The file on disk for a result (or a stored path)."""
@@ -229,7 +267,7 @@ class Collection:
             "kind", "factory", "params", "recall_at_10", "query_ms", "bytes_per_vector",
             "reason", "rebuild_rule",
         )}
-        facts["up_to_date"] = meta.get("generation") == self.store.generation
+        facts["up_to_date"] = meta.get("generation") == self.store.table_generation()
         return facts
 
 

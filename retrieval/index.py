@@ -75,7 +75,11 @@ def save_index(
     faiss.write_index(faiss.index_gpu_to_cpu(index) if gpu_count() else index, str(tmp))
     os.replace(tmp, final)
     plan = plan or ann.plan_index(int(index.ntotal), store.dim, "flat")
-    meta = {"generation": store.generation, "ntotal": int(index.ntotal), "plan": plan.to_dict()}
+    meta = {
+        "generation": store.table_generation(table),
+        "ntotal": int(index.ntotal),
+        "plan": plan.to_dict(),
+    }
     write_atomic(meta_path, json.dumps(meta, indent=2).encode())
 
 
@@ -98,7 +102,7 @@ def load_saved(store: Store, table: str = IMAGES, any_generation: bool = False):
     path = index_files(store, table)[0]
     if meta is None or not path.is_file():
         return None
-    if not any_generation and meta.get("generation") != store.generation:
+    if not any_generation and meta.get("generation") != store.table_generation(table):
         return None
     try:
         index = _read_faiss(path)

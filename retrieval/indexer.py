@@ -27,6 +27,7 @@ from .embedder import Embedder
 from .index import update_index
 from .store import (
     IMAGES,
+    TEXTS,
     Failure,
     Store,
     StoreWriter,
@@ -35,6 +36,7 @@ from .store import (
     now_utc,
     row_schema,
 )
+from .texts import is_sidecar, sidecar_rows, sync_texts
 from .walk import FileEntry, walk_images
 
 ProgressCallback = Callable[[int, int], None]  # (images embedded so far, images to embed)
@@ -51,6 +53,7 @@ class IndexReport:
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     index: dict[str, Any] = field(default_factory=dict)  # the search index's plan
+    texts: dict[str, Any] = field(default_factory=dict)  # sidecar captions: added, removed...
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +64,7 @@ class IndexReport:
             "unchanged": self.unchanged,
             "embedded": self.embedded,
             "failed": [f.to_dict() for f in self.failed],
+            "texts": {k: v for k, v in self.texts.items() if k != "failed"},
             "seconds": round(self.seconds, 3),
             "index": {k: self.index.get(k) for k in ("kind", "factory", "params", "recall_at_10")},
         }
@@ -213,18 +217,38 @@ class Indexer:
         self._embed_and_commit(writer, pending, dup_of_new, old_ids={r["id"] for r in old})
 
         writer.compact()
+        self._sync_sidecars(writer)
         # Failing files are retried every run, so this run's failures are the whole list.
         writer.commit(failures=self.report.failed)
         self.report.index = update_index(
             self.store,
             kind=self.index_kind,
             memory=self.index_memory,
-            start_generation=writer.start_generation,
+            start_generation=writer.start_generation[IMAGES],
             changed_ids=writer.changed_ids(),
             removed=bool(writer.removed[IMAGES]),
         ).to_dict()
+        if self.store.count(TEXTS) or writer.changed_ids(TEXTS):
+            update_index(
+                self.store,
+                TEXTS,
+                start_generation=writer.start_generation[TEXTS],
+                changed_ids=writer.changed_ids(TEXTS),
+                removed=bool(writer.removed[TEXTS]),
+            )
         self.report.seconds = time.perf_counter() - start
         return self.report
+
+    def _sync_sidecars(self, writer: StoreWriter) -> None:
+        """Captions in photo.txt / photo.json beside the images become text rows."""
+        images = self.store.read_table(["id", "path"])
+        by_path = dict(zip(images.column("path").to_pylist(), images.column("id").to_pylist(),
+                           strict=True))
+        failures: list[Failure] = []
+        rows = sidecar_rows(self.folder, by_path, failures)
+        for failure in failures:
+            self._fail(failure.path, failure.error)
+        self.report.texts = sync_texts(writer, self.embedder, rows, owned=is_sidecar).to_dict()
 
     def _hash_all(self, entries: list[FileEntry]) -> dict[str, str]:
         def one(e: FileEntry) -> tuple[str, str | None, str | None]:

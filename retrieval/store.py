@@ -236,6 +236,10 @@ class Store:
     def parts(self, table: str = IMAGES) -> list[str]:
         return list(self.manifest["tables"][table]["parts"])
 
+    def table_generation(self, table: str = IMAGES) -> int:
+        """The store generation at which `table` last changed."""
+        return int(self.manifest["tables"][table].get("changed_at", 0))
+
     def count(self, table: str = IMAGES) -> int:
         return int(self.manifest["tables"][table]["rows"])
 
@@ -314,7 +318,7 @@ class StoreWriter:
         self._remove_leftovers()
         self._part_ids: dict[tuple[str, str], np.ndarray] = {}
         # What this writer changed, so the search index can be updated instead of rebuilt.
-        self.start_generation = store.generation
+        self.start_generation = {t: store.table_generation(t) for t in TABLES}
         self.added: dict[str, set[int]] = {t: set() for t in TABLES}
         self.removed: dict[str, set[int]] = {t: set() for t in TABLES}
 
@@ -431,8 +435,12 @@ class StoreWriter:
     def _publish(self, table, parts, superseded, rows, failures, updates) -> None:
         manifest = json.loads(json.dumps(self.manifest))  # deep copy: readers share none of it
         manifest.update(updates)
-        manifest["tables"][table].update(parts=parts, rows=rows)
+        entry = manifest["tables"][table]
         manifest["generation"] = self.store.generation + 1
+        if parts != entry["parts"]:
+            # the last generation that changed this table: its index stays valid until then
+            entry["changed_at"] = manifest["generation"]
+        entry.update(parts=parts, rows=rows)
         manifest["updated_at"] = now_utc().isoformat()
         if failures is not None:
             manifest["failures"] = [f.to_dict() for f in failures]

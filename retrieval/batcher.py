@@ -1,0 +1,105 @@
+"""Run one embedder from one thread, batching the queries that arrive together.
+
+A server answers many requests at once, but a model is one shared, stateful object: running it
+from several threads at the same time only makes them fight for the same cores (and is not
+something every backend promises to be safe for). So every model call goes through one worker
+thread. While it runs a forward pass, new queries queue up; the next pass takes all of them
+(up to `max_batch`) at once, which costs little more than one query on a GPU and keeps the
+per-call overhead off the rest on a CPU.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .embedder import Embedder
+
+
+@dataclass
+class _Job:
+    kind: str  # "text" or "pixels"
+    payload: object  # str, or a (3, H, W) preprocessed tensor
+    future: Future = field(default_factory=Future)
+
+
+class EmbedBatcher:
+    """Thread-safe front of an Embedder: `embed_text` / `embed_pixels` block until done.
+
+    >>> batcher = EmbedBatcher(embedder)                      # doctest: +SKIP
+    >>> batcher.embed_text("a red car").shape                 # doctest: +SKIP
+    (512,)
+    """
+
+    def __init__(self, embedder: Embedder, max_batch: int = 32):
+        self.embedder = embedder
+        self.max_batch = max(1, int(max_batch))
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
+        self.batches = 0  # forward passes run, for tests and benchmarks
+        self.items = 0  # queries embedded
+        self._thread = threading.Thread(target=self._run, name="vqret-embed", daemon=True)
+        self._thread.start()
+
+    # ---- callers --------------------------------------------------------------------------
+    def submit(self, kind: str, payload: object) -> Future:
+        if self._closed:
+            raise RuntimeError("the embedder is closed")
+        job = _Job(kind, payload)
+        self._jobs.put(job)
+        return job.future
+
+    def embed_text(self, text: str) -> np.ndarray:
+        """(D,) normalised embedding of one text."""
+        return self.submit("text", text).result()
+
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """(D,) normalised embedding of one preprocessed (3, H, W) image."""
+        return self.submit("pixels", pixels).result()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+            self._thread.join(timeout=10)
+
+    # ---- the worker -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            jobs = [job]
+            while len(jobs) < self.max_batch:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:  # close() while busy: finish this batch, then stop
+                    self._jobs.put(None)
+                    break
+                jobs.append(more)
+            for kind in ("text", "pixels"):
+                group = [j for j in jobs if j.kind == kind]
+                if group:
+                    self._embed(kind, group)
+
+    def _embed(self, kind: str, jobs: list[_Job]) -> None:
+        try:
+            if kind == "text":
+                vectors = self.embedder.embed_texts([j.payload for j in jobs])
+            else:
+                vectors = self.embedder.encode_pixels(torch.stack([j.payload for j in jobs]))
+        except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about it
+            for j in jobs:
+                j.future.set_exception(e)
+            return
+        self.batches += 1
+        self.items += len(jobs)
+        for j, vector in zip(jobs, vectors, strict=True):
+            j.future.set_result(vector)

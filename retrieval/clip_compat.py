@@ -1,0 +1,129 @@
+"""clip-retrieval's back-end API on vqret stores, so its clients and clip-front work unchanged.
+
+    POST /knn-service  {text | image (base64) | image_url | embedding_input, modality,
+                        num_images, num_result_ids, indice_name, deduplicate, ...}
+                       -> [{"image_path", "url", "id", "similarity"}, ...]
+    POST /metadata     {indice_name, ids} -> [{"id", "metadata": {"image_path", "url"}}, ...]
+    GET  /indices-list -> [name, ...]
+
+Differences a client may notice, all on purpose:
+- `indice_name` is a store's name (its indexed folder's name unless named at start-up); it may
+  be left out when one store is served. `modality` defaults to "image", `num_images` to 20.
+- Metadata columns are `image_path` (the stored path, relative to the indexed folder) and `url`
+  (where this server serves the original), which clip-front shows as the picture.
+- `embedding_input` is L2-normalised first, so `similarity` is always a cosine.
+- Unknown ids are left out of /metadata's answer instead of failing the whole request.
+- `use_mclip`, `use_safety_model`, `use_violence_detector` and `aesthetic_*` are accepted and
+  ignored: vqret has none of those models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .service import Hit, RequestError, SearchService, parse_int, text_rows
+
+DEFAULT_NUM_IMAGES = 20  # clip-front's page size
+MAX_METADATA_IDS = 10_000
+
+UrlFor = Callable[[str, int], str]  # (store name, image id) -> absolute URL of the original
+
+
+def knn_service(service: SearchService, body: Any, url_for: UrlFor) -> list[dict[str, Any]]:
+    """Answer a /knn-service request body (already parsed JSON)."""
+    body = _object(body)
+    served = service.get(body.get("indice_name"))
+    modality = body.get("modality") or "image"
+    if modality not in ("image", "text"):
+        raise RequestError(400, f"modality must be 'image' or 'text', not {modality!r}")
+    num_images = parse_int(
+        _given(body, "num_images", DEFAULT_NUM_IMAGES), "num_images", maximum=service.max_k
+    )
+    num_result_ids = parse_int(
+        _given(body, "num_result_ids", num_images), "num_result_ids", maximum=service.max_k
+    )
+    if modality == "text" and text_rows(served.store) == 0:
+        raise RequestError(
+            400,
+            f"indice {served.name!r} has no text rows: modality 'text' searches indexed "
+            "captions, and this store has none; use modality 'image' to search its images",
+        )
+    query = service.query(
+        served,
+        text=body.get("text"),
+        image_base64=body.get("image"),
+        image_url=body.get("image_url"),
+        embedding=body.get("embedding_input"),
+        labels={"embedding": "embedding_input", "like": "like (vqret only)"},
+    )
+    if modality == "text":
+        return _text_results(served, query.vector, num_result_ids, num_images, url_for)
+    # clip-retrieval's order: knn over num_result_ids, filter, then keep num_images.
+    hits = service.search(
+        served,
+        query,
+        k=min(num_images, num_result_ids),
+        fetch=num_result_ids,
+        deduplicate=bool(body.get("deduplicate")),
+    )
+    return [_row(served.name, hit, url_for) for hit in hits]
+
+
+def metadata(service: SearchService, body: Any, url_for: UrlFor) -> list[dict[str, Any]]:
+    """Answer a /metadata request body: the metadata of each known id, in request order."""
+    body = _object(body)
+    served = service.get(body.get("indice_name"))
+    ids = body.get("ids")
+    if not isinstance(ids, list):
+        raise RequestError(400, "ids must be a list of integers")
+    if len(ids) > MAX_METADATA_IDS:
+        raise RequestError(400, f"at most {MAX_METADATA_IDS} ids per request")
+    catalog = served.catalog()
+    out = []
+    for value in ids:
+        image_id = parse_int(value, "each id", minimum=0)
+        row = catalog.get(image_id)
+        if row is not None:
+            meta = {"image_path": row.path, "url": url_for(served.name, image_id)}
+            out.append({"id": image_id, "metadata": meta})
+    return out
+
+
+def indices_list(service: SearchService) -> list[str]:
+    return service.names()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _row(name: str, hit: Hit, url_for: UrlFor) -> dict[str, Any]:
+    # Metadata columns first, then id and similarity: the key order clip-retrieval answers in.
+    return {
+        "image_path": hit.path,
+        "url": url_for(name, hit.id),
+        "id": hit.id,
+        "similarity": hit.score,
+    }
+
+
+def _text_results(served, vector, num_result_ids: int, num_images: int, url_for: UrlFor):
+    out = []
+    for text_id, score, meta in served.search_texts(vector, num_result_ids)[:num_images]:
+        row = {"caption": meta["caption"]}
+        if meta["image_id"] is not None and meta["path"] is not None:
+            row["image_path"] = meta["path"]
+            row["url"] = url_for(served.name, meta["image_id"])
+        out.append({**row, "id": text_id, "similarity": score})
+    return out
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    return body
+
+
+def _given(body: dict[str, Any], key: str, default: Any) -> Any:
+    value = body.get(key)
+    return default if value is None or value == "" else value

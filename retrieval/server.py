@@ -1,0 +1,446 @@
+"""`vqret serve`: the HTTP front of SearchService, as an ASGI app (Starlette, run by uvicorn).
+
+    app = create_app(["photos/"])                       # or {"name": Collection, ...}
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes:
+    GET  /                          the search page (retrieval/web/)
+    GET  /healthz                   {"status": "ok", "stores": {...}, ...}
+    GET  /api/stores                [{"name", "images", "model", ...}]
+    GET|POST /api/search            text, image upload (multipart or base64), like=ID or
+                                    embedding; k; store -> {"results": [...], "generated": null}
+    GET  /thumb/{store}/{id}        JPEG thumbnail of an indexed image, by id
+    GET  /image/{store}/{id}        the original file, by id
+    POST /knn-service, POST /metadata, GET /indices-list: clip-retrieval's API (clip_compat.py)
+
+Files are only ever found by id through the store's rows: no path from a request reaches the
+file system. Every error is JSON `{"error": message, "status": code}`; bad input is a 4xx.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import os
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from . import clip_compat
+from .collection import Collection
+from .service import RequestError, SearchService, ServedStore, open_collections, parse_int
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 20 << 20  # a phone photo as base64 fits; a video or a disk image doesn't
+DEFAULT_K = 20
+DEDUP_FETCH_FACTOR = 5
+MAX_ID = 2**63 - 1  # row ids are int64
+# The page loads nothing from elsewhere: the machine may be offline, and it keeps it private.
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+StoresArg = (
+    Mapping[str, Collection | str | os.PathLike]
+    | Sequence[Collection | str | os.PathLike]
+    | None
+)
+
+
+def create_app(
+    stores: StoresArg = None,
+    *,
+    allow_url_queries: bool = False,
+    device: str = "auto",
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_k: int = 1000,
+    allowed_hosts: Sequence[str] | None = None,
+    cors_origins: Sequence[str] = (),
+    url_max_bytes: int = 10 << 20,
+    url_timeout_s: float = 5.0,
+    warm: bool = True,
+) -> Starlette:
+    """The ASGI app serving `stores` (paths, Collections, or a name -> either mapping).
+
+    Loads each distinct model once, now. `allowed_hosts` (e.g. loopback names) refuses other
+    Host headers, which stops DNS-rebinding pages from reading a server bound to loopback;
+    `cors_origins` lets pages from those origins (e.g. a hosted clip-front) call the API.
+    """
+    service = SearchService(
+        open_collections(stores, device),
+        max_k=max_k,
+        allow_url_queries=allow_url_queries,
+        url_max_bytes=url_max_bytes,
+        url_timeout_s=url_timeout_s,
+        warm=warm,
+    )
+    api = _Api(service, max_body_bytes)
+    routes = [
+        Route("/", api.page, methods=["GET"]),
+        Route("/static/{name}", api.static, methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/api/stores", api.stores, methods=["GET"]),
+        Route("/api/search", api.search, methods=["GET", "POST"]),
+        Route("/thumb/{store}/{image_id}", api.thumbnail, methods=["GET"]),
+        Route("/image/{store}/{image_id}", api.original, methods=["GET"]),
+        Route("/knn-service", api.knn_service, methods=["POST"]),
+        Route("/metadata", api.metadata, methods=["POST"]),
+        Route("/indices-list", api.indices_list, methods=["GET"]),
+    ]
+    middleware = [Middleware(_Guard, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)]
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Content-Type"],
+            )
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        service.close()
+
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={
+            RequestError: _request_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    return app
+
+
+def loopback_hosts(host: str) -> list[str] | None:
+    """Host headers to accept for a server bound to `host`: loopback names, or any (None)."""
+    if host in LOOPBACK_HOSTS or host.startswith("127."):
+        return sorted({*LOOPBACK_HOSTS, host})
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------
+
+
+class _Api:
+    def __init__(self, service: SearchService, max_body_bytes: int):
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+        self.web = {name: _web_file(name) for name in WEB_FILES}
+
+    # ---- the page -------------------------------------------------------------------------
+    async def page(self, request: Request) -> Response:
+        return Response(
+            self.web["index.html"],
+            media_type="text/html",
+            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"},
+        )
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in WEB_FILES or name == "index.html":
+            raise RequestError(404, f"no such file: {name}")
+        return Response(
+            self.web[name], media_type=WEB_FILES[name], headers={"Cache-Control": "no-cache"}
+        )
+
+    # ---- facts ----------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> Response:
+        stores = {s.name: len(s.store) for s in self.service.stores.values()}
+        batchers = {id(s.batcher): s.batcher for s in self.service.stores.values()}.values()
+        return JSONResponse(
+            {
+                "status": "ok",
+                "stores": stores,
+                "model_calls": sum(b.batches for b in batchers),
+                "queries_embedded": sum(b.items for b in batchers),
+            }
+        )
+
+    async def stores(self, request: Request) -> Response:
+        return JSONResponse([s.summary() for s in self.service.stores.values()])
+
+    # ---- search ---------------------------------------------------------------------------
+    async def search(self, request: Request) -> Response:
+        started = time.perf_counter()
+        if request.method == "GET":
+            fields: dict[str, Any] = dict(request.query_params)
+        elif _is_multipart(request):
+            fields = await self._form_fields(request)
+        else:
+            fields = _object(await _json_body(request))
+        served = self.service.get(fields.get("store"))
+        k = parse_int(_given(fields, "k", DEFAULT_K), "k", maximum=self.service.max_k)
+        deduplicate = _flag(fields.get("deduplicate"))
+
+        def work():
+            query = self.service.query(
+                served,
+                text=fields.get("text"),
+                image=fields.get("_upload"),
+                image_base64=fields.get("image"),
+                image_url=fields.get("image_url"),
+                like=fields.get("like"),
+                embedding=fields.get("embedding"),
+            )
+            # Duplicates are dropped after the knn: look further so that k results remain.
+            fetch = min(self.service.max_k, k * DEDUP_FETCH_FACTOR) if deduplicate else k
+            hits = self.service.search(served, query, k, fetch=fetch, deduplicate=deduplicate)
+            return query, hits
+
+        query, hits = await run_in_threadpool(work)
+        prefix = f"{request.scope.get('root_path', '')}/{{}}/{quote(served.name, safe='')}/"
+        return JSONResponse(
+            {
+                "store": served.name,
+                "query": query.description,
+                "k": k,
+                "took_ms": round((time.perf_counter() - started) * 1000, 2),
+                "results": [
+                    {
+                        "rank": h.rank,
+                        "id": h.id,
+                        "path": h.path,
+                        "score": h.score,
+                        "thumbnail_url": prefix.format("thumb") + str(h.id),
+                        "original_url": prefix.format("image") + str(h.id),
+                    }
+                    for h in hits
+                ],
+                # The diffusion fallback will put its image here ({"url", "score", ...}) when
+                # no result is close enough; until it exists, nothing is generated.
+                "generated": None,
+            }
+        )
+
+    async def _form_fields(self, request: Request) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        async with request.form(
+            max_files=1, max_fields=20, max_part_size=self.max_body_bytes
+        ) as form:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if key not in ("image", "file"):
+                        raise RequestError(400, f"unexpected file field {key!r}: use 'image'")
+                    fields["_upload"] = await value.read()
+                    if not fields["_upload"]:
+                        raise RequestError(400, "the uploaded image is empty (0 bytes)")
+                elif key == "image":
+                    raise RequestError(400, "image must be a file upload")
+                else:
+                    fields[key] = value
+        return fields
+
+    # ---- files, by id only ----------------------------------------------------------------
+    async def thumbnail(self, request: Request) -> Response:
+        served, image_id = self._image_ref(request)
+        data, etag = await run_in_threadpool(self.service.thumbnail, served, image_id)
+        headers = {"ETag": etag, "Cache-Control": "public, max-age=3600"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    async def original(self, request: Request) -> Response:
+        served, image_id = self._image_ref(request)
+        path = await run_in_threadpool(served.original_path, image_id)
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    def _image_ref(self, request: Request) -> tuple[ServedStore, int]:
+        raw = request.path_params["image_id"]
+        if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_ID:
+            raise RequestError(404, f"no image with id {raw!r}: ids are integers")
+        return self.service.get(request.path_params["store"]), int(raw)
+
+    # ---- clip-retrieval -------------------------------------------------------------------
+    async def knn_service(self, request: Request) -> Response:
+        # clip-front posts JSON without a JSON content type: parse the body whatever it says.
+        body = await _json_body(request)
+        url_for = _url_for(request)
+        rows = await run_in_threadpool(clip_compat.knn_service, self.service, body, url_for)
+        return JSONResponse(rows)
+
+    async def metadata(self, request: Request) -> Response:
+        body = await _json_body(request)
+        url_for = _url_for(request)
+        rows = await run_in_threadpool(clip_compat.metadata, self.service, body, url_for)
+        return JSONResponse(rows)
+
+    async def indices_list(self, request: Request) -> Response:
+        return JSONResponse(clip_compat.indices_list(self.service))
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status, headers=headers)
+
+
+async def _request_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestError)
+    return _error(exc.status, exc.message)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"not found: {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return _error(exc.status_code, message, exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # A bug, not bad input: the trace goes to the server's log, never to the client.
+    log.error("error answering %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal error: see the server's log")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """Plain ASGI middleware: Host check, request body cap, and a header on every response.
+
+    The body cap counts what arrives, so a client that lies about (or omits) Content-Length
+    is stopped as soon as it goes over, before the whole body is in memory.
+    """
+
+    def __init__(self, app, max_body_bytes: int, allowed_hosts: Sequence[str] | None):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = set(allowed_hosts) if allowed_hosts is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if self.allowed_hosts is not None:
+            host = _host_name(headers.get("host", ""))
+            if host not in self.allowed_hosts:
+                await _error(400, f"unexpected Host header {host!r}")(scope, receive, send)
+                return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def marked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, marked_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope, receive, send):
+        limit = f"{self.max_body_bytes / (1 << 20):g} MiB"
+        response = _error(413, f"request body is larger than the {limit} this server accepts")
+        await response(scope, receive, send)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    if not body.strip():
+        raise RequestError(400, "empty request body: send a JSON object")
+    try:
+        return json.loads(body)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise RequestError(400, "the request body is not valid JSON") from None
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    return body
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
+
+
+def _given(fields: Mapping[str, Any], key: str, default: Any) -> Any:
+    value = fields.get(key)
+    return default if value is None or value == "" else value
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _url_for(request: Request):
+    base = str(request.base_url)
+
+    def url_for(name: str, image_id: int) -> str:
+        return f"{base}image/{quote(name, safe='')}/{image_id}"
+
+    return url_for
+
+
+def _host_name(host_header: str) -> str:
+    if host_header.startswith("["):  # [::1]:8000
+        return host_header[1:].partition("]")[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def _web_file(name: str) -> bytes:
+    return resources.files("vqret.retrieval").joinpath("web", name).read_bytes()
