@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 EXACT_BELOW = 20_000  # under this, exact search takes about a millisecond: no reason to approximate
+MIN_TRAIN = 256  # fewer vectors can't train a quantizer worth having
 RETRAIN_GROWTH = 4.0  # retrain the coarse quantizer once the collection is this many times larger
 HNSW_M = 32
 
@@ -95,6 +96,8 @@ def plan_index(n: int, dim: int, kind: str = "auto", memory: int | None = None) 
             kind, why = "ivf8", f"IVF with 8-bit vectors fits {memory >> 20} MiB"
         else:
             kind, why = "ivfpq", f"only product quantization fits {memory >> 20} MiB"
+    elif n < MIN_TRAIN and kind in ("ivf", "ivfpq", "ivf8"):
+        kind, why = "flat", f"{kind} asked for, but {n} vectors are too few to train it"
     else:
         why = "asked for"
     rule = "incremental add and remove (IVF lists keep ids)"
@@ -112,8 +115,12 @@ def plan_index(n: int, dim: int, kind: str = "auto", memory: int | None = None) 
     if kind == "ivf8":
         return IndexPlan("ivf", f"IVF{nlist},SQ8", dim + 8, why, nlist=nlist,
                          rebuild_rule=rule + f"; retrained at {RETRAIN_GROWTH:g}x growth")
+    # 8-bit PQ (and OPQ, which trains one) needs ~10k training points (256 centroids x 39);
+    # smaller sets use 4-bit PQ without the rotation
+    big = n >= 10_000
+    factory = f"OPQ{pq_m},IVF{nlist},PQ{pq_m}x8" if big else f"IVF{nlist},PQ{pq_m}x4"
     return IndexPlan(
-        "ivfpq", f"OPQ{pq_m},IVF{nlist},PQ{pq_m}x8", pq_m + 8, why, nlist=nlist,
+        "ivfpq", factory, pq_m * (8 if big else 4) / 8 + 8, why, nlist=nlist,
         rebuild_rule=rule + f"; retrained at {RETRAIN_GROWTH:g}x growth",
     )
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .service import Hit, RequestError, SearchService, parse_int, text_rows
+from .serve_input import RequestError, parse_int
+from .served_store import text_rows
+from .service import Hit, SearchService
 
 DEFAULT_NUM_IMAGES = 20  # clip-front's page size
 MAX_METADATA_IDS = 10_000

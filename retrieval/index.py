@@ -134,7 +134,34 @@ def search_index(
     k = min(int(k), int(index.ntotal))
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    return index.search(np.ascontiguousarray(queries, np.float32), k)
+    queries = np.ascontiguousarray(queries, np.float32)
+    hnsw = _hnsw_of(index)
+    if hnsw is not None and hnsw.hnsw.efSearch < k:
+        # HNSW returns at most efSearch neighbours: widen the beam for large k
+        params = faiss.SearchParametersHNSW(efSearch=k)
+        return index.search(queries, k, params=params)
+    scores, ids = index.search(queries, k)
+    ivf = _ivf_of(index)
+    nprobe = ivf.nprobe if ivf is not None else 0
+    # An IVF index returns only what its probed lists hold: when k asks for more than that
+    # (k near the collection size), probe more lists rather than return fewer than k.
+    while ivf is not None and (ids < 0).any() and nprobe < ivf.nlist:
+        nprobe = min(ivf.nlist, nprobe * 4)
+        scores, ids = index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    return scores, ids
+
+
+def _hnsw_of(index: faiss.Index):
+    inner = faiss.downcast_index(index)
+    inner = faiss.downcast_index(inner.index) if hasattr(inner, "id_map") else inner
+    return inner if hasattr(inner, "hnsw") else None
+
+
+def _ivf_of(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
 
 
 def update_index(

@@ -20,7 +20,6 @@ file system. Every error is JSON `{"error": message, "status": code}`; bad input
 from __future__ import annotations
 
 import json
-import logging
 import mimetypes
 import os
 import time
@@ -42,9 +41,9 @@ from starlette.routing import Route
 
 from . import clip_compat
 from .collection import Collection
-from .service import RequestError, SearchService, ServedStore, open_collections, parse_int
-
-log = logging.getLogger(__name__)
+from .serve_input import RequestError, parse_int
+from .served_store import ServedStore, open_collections
+from .service import SearchService
 
 MAX_BODY_BYTES = 20 << 20  # a phone photo as base64 fits; a video or a disk image doesn't
 DEFAULT_K = 20
@@ -54,6 +53,10 @@ MAX_ID = 2**63 - 1  # row ids are int64
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+# Served as they are; any other format is converted to JPEG for the page.
+BROWSER_IMAGE_TYPES = frozenset(
+    ["image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp", "image/avif"]
 )
 WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -269,7 +272,11 @@ class _Api:
         served, image_id = self._image_ref(request)
         path = await run_in_threadpool(served.original_path, image_id)
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
+        if media_type in BROWSER_IMAGE_TYPES:
+            return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
+        # TIFF, HEIC, ...: browsers can't show them, so the page gets a large JPEG instead.
+        data = await run_in_threadpool(self.service.rendition, served, image_id)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
     def _image_ref(self, request: Request) -> tuple[ServedStore, int]:
         raw = request.path_params["image_id"]
@@ -321,8 +328,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    # A bug, not bad input: the trace goes to the server's log, never to the client.
-    log.error("error answering %s %s", request.method, request.url.path, exc_info=exc)
+    # A bug, not bad input. Starlette re-raises it after this answer, so the server (uvicorn)
+    # logs the trace; the client only gets this line.
     return _error(500, "internal error: see the server's log")
 
 

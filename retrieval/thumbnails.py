@@ -37,11 +37,14 @@ def make_thumbnail(path: Path, size: int = THUMB_SIZE, max_pixels: int | None = 
 class ThumbnailCache:
     """Thread-safe LRU of thumbnail bytes, bounded by total size."""
 
-    def __init__(self, max_bytes: int = 64 << 20):
+    def __init__(self, max_bytes: int = 64 << 20, max_decodes: int = 4):
         self.max_bytes = max_bytes
         self._items: OrderedDict[Hashable, bytes] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        # A results page asks for 20-100 thumbnails at once; decoding as many 12 MP photos
+        # side by side would only multiply memory, not speed, on a few cores.
+        self._decodes = threading.BoundedSemaphore(max_decodes)
 
     def get_or_make(self, key: Hashable, make: Callable[[], bytes]) -> bytes:
         with self._lock:
@@ -51,7 +54,8 @@ class ThumbnailCache:
                 return data
         # Made outside the lock: two requests for a new thumbnail may both make it, which is
         # cheaper than making every other request wait behind one decode.
-        data = make()
+        with self._decodes:
+            data = make()
         with self._lock:
             if key not in self._items and len(data) <= self.max_bytes:
                 self._items[key] = data

@@ -1,0 +1,198 @@
+// The vqret search page: one plain script, no build step, nothing loaded from elsewhere.
+// It only talks to this server's own JSON API (api/stores, api/search).
+'use strict';
+
+const $ = (id) => document.getElementById(id);
+const form = $('search'), input = $('q'), fileInput = $('file'), storeSelect = $('store');
+const kSelect = $('k'), statusBox = $('status'), grid = $('grid'), drop = $('drop');
+const viewer = $('viewer');
+let latest = 0; // answers to older requests are dropped, so fast typing can't reorder results
+let viewing = null; // the result shown in the viewer
+let previewUrl = null; // object URL of the query image on show, freed when replaced
+
+function setStatus(text, isError = false, preview = null) {
+  statusBox.replaceChildren();
+  statusBox.classList.toggle('error', isError);
+  if (preview) {
+    const img = document.createElement('img');
+    img.alt = '';
+    img.addEventListener('error', () => img.remove()); // the "image" was not one
+    img.src = preview;
+    statusBox.append(img);
+  }
+  statusBox.append(document.createTextNode(text));
+}
+
+async function loadStores() {
+  const answer = await fetch('api/stores');
+  const stores = await answer.json();
+  for (const s of stores) {
+    const option = new Option(`${s.name} (${s.images} images)`, s.name);
+    storeSelect.append(option);
+  }
+  storeSelect.hidden = stores.length < 2;
+  const wanted = new URLSearchParams(location.search).get('store');
+  if (wanted && stores.some((s) => s.name === wanted)) storeSelect.value = wanted;
+}
+
+// kind: 'text' | 'image' | 'like'; value: the text, a File/Blob, or an id.
+async function search(kind, value, label) {
+  const ticket = ++latest;
+  const k = Number(kSelect.value);
+  const store = storeSelect.value || undefined;
+  let request;
+  if (kind === 'image') {
+    const body = new FormData();
+    body.append('image', value, value.name || 'query.png');
+    body.append('k', String(k));
+    if (store) body.append('store', store);
+    request = { method: 'POST', body };
+  } else {
+    const query = kind === 'text' ? { text: value } : { like: value };
+    request = {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ ...query, k, store }),
+    };
+  }
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  const preview = previewUrl = kind === 'image' ? URL.createObjectURL(value) : null;
+  setStatus(`Searching ${label}…`, false, preview);
+  grid.setAttribute('aria-busy', 'true');
+  remember(kind, value, store);
+  let answer, data;
+  try {
+    answer = await fetch('api/search', request);
+    data = await answer.json();
+  } catch (err) {
+    if (ticket === latest) {
+      grid.removeAttribute('aria-busy');
+      setStatus(`Search failed: ${err.message}`, true);
+    }
+    return;
+  }
+  if (ticket !== latest) return;
+  grid.removeAttribute('aria-busy');
+  if (!answer.ok) {
+    grid.replaceChildren(); // no stale results under an error
+    setStatus(data.error || `Search failed (HTTP ${answer.status})`, true, preview);
+    return;
+  }
+  render(data.results);
+  const n = data.results.length;
+  setStatus(`${n} result${n === 1 ? '' : 's'} for ${label} in ${Math.round(data.took_ms)} ms`,
+    false, preview);
+}
+
+function render(results) {
+  const template = $('card').content.firstElementChild;
+  const cards = results.map((r) => {
+    const card = template.cloneNode(true);
+    card.dataset.id = r.id;
+    card.dataset.rank = r.rank;
+    const img = card.querySelector('img');
+    img.src = r.thumbnail_url;
+    img.alt = r.path;
+    card.querySelector('.score').textContent = r.score.toFixed(3);
+    const path = card.querySelector('.path');
+    path.textContent = r.path.split('/').pop();
+    path.title = r.path;
+    card.querySelector('.thumb').addEventListener('click', () => show(r));
+    card.querySelector('.like').addEventListener('click', () => likeThis(r));
+    return card;
+  });
+  grid.replaceChildren(...cards);
+  window.scrollTo(0, 0);
+}
+
+function show(r) {
+  viewing = r;
+  $('full').src = r.original_url;
+  $('full').alt = r.path;
+  $('caption').textContent = `${r.path} · ${r.score.toFixed(3)}`;
+  $('open').href = r.original_url;
+  viewer.showModal();
+}
+
+function likeThis(r) {
+  if (viewer.open) viewer.close();
+  input.value = '';
+  search('like', r.id, `images like ${r.path.split('/').pop()}`);
+}
+
+function remember(kind, value, store) {
+  // The address bar keeps text and "like" searches so they can be reloaded or shared.
+  const params = new URLSearchParams();
+  if (kind === 'text') params.set('q', value);
+  if (kind === 'like') params.set('like', value);
+  if (store && storeSelect.options.length > 1) params.set('store', store);
+  const query = params.toString();
+  history.replaceState(null, '', query ? `?${query}` : location.pathname);
+}
+
+function searchFile(file) {
+  if (!file || !file.type.startsWith('image/')) {
+    setStatus('That is not an image file.', true);
+    return;
+  }
+  input.value = '';
+  search('image', file, `images like ${file.name || 'the pasted image'}`);
+}
+
+form.addEventListener('submit', (event) => {
+  event.preventDefault();
+  const text = input.value.trim();
+  if (!text) {
+    setStatus('Type something to search for, or drop an image.', true);
+    return;
+  }
+  search('text', text, `“${text}”`);
+});
+fileInput.addEventListener('change', () => {
+  searchFile(fileInput.files[0]);
+  fileInput.value = '';
+});
+kSelect.addEventListener('change', () => input.value.trim() && form.requestSubmit());
+storeSelect.addEventListener('change', () => input.value.trim() && form.requestSubmit());
+
+// Drag and drop anywhere on the page; paste an image from the clipboard.
+let dragDepth = 0;
+const hasFiles = (event) => [...(event.dataTransfer?.types || [])].includes('Files');
+document.addEventListener('dragenter', (event) => {
+  if (!hasFiles(event)) return;
+  dragDepth++;
+  drop.hidden = false;
+});
+document.addEventListener('dragleave', () => {
+  dragDepth = Math.max(0, dragDepth - 1);
+  if (dragDepth === 0) drop.hidden = true;
+});
+document.addEventListener('dragover', (event) => {
+  if (hasFiles(event)) event.preventDefault();
+});
+document.addEventListener('drop', (event) => {
+  event.preventDefault();
+  dragDepth = 0;
+  drop.hidden = true;
+  searchFile(event.dataTransfer.files[0]);
+});
+document.addEventListener('paste', (event) => {
+  const item = [...(event.clipboardData?.items || [])].find((i) => i.type.startsWith('image/'));
+  if (item) searchFile(item.getAsFile());
+});
+
+$('close').addEventListener('click', () => viewer.close());
+$('viewer-like').addEventListener('click', () => viewing && likeThis(viewing));
+viewer.addEventListener('click', (event) => {
+  if (event.target === viewer) viewer.close(); // a click on the backdrop
+});
+
+loadStores().then(() => {
+  const params = new URLSearchParams(location.search);
+  if (params.get('q')) {
+    input.value = params.get('q');
+    form.requestSubmit();
+  } else if (params.get('like') && /^\d+$/.test(params.get('like'))) {
+    search('like', Number(params.get('like')), `images like #${params.get('like')}`);
+  }
+}).catch((err) => setStatus(`Can't reach the server: ${err.message}`, true));
