@@ -121,7 +121,7 @@ def load_index(store: Store, table: str = IMAGES) -> faiss.Index:
     saved = load_saved(store, table)
     if saved is None:
         stale = load_saved(store, table, any_generation=True)
-        if stale is not None and stale[1]["plan"]["kind"] != "flat":
+        if stale is not None and stale[1].get("plan", {}).get("kind", "flat") != "flat":
             return stale[0]  # rebuilding an ANN index in a reader would cost minutes
         return build_index(*store.vectors(table))
     return saved[0]

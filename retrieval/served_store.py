@@ -43,15 +43,15 @@ def store_name(collection: Collection) -> str:
     return collection.store.root.name or collection.store.path.name
 
 
-def open_collections(
-    stores: Mapping[str, Collection | str | os.PathLike] | Sequence[Collection | str | os.PathLike]
-    | None,
-    device: str = "auto",
-) -> dict[str, Collection]:
+StoreRef = Collection | str | os.PathLike
+StoresArg = Mapping[str, StoreRef] | Sequence[StoreRef | tuple[str | None, StoreRef]] | None
+
+
+def open_collections(stores: StoresArg, device: str = "auto") -> dict[str, Collection]:
     """Name -> Collection, opening paths with one Embedder per distinct model (loaded once).
 
-    A list is named by each store's indexed folder; two stores with the same name are refused
-    (pass a mapping to name them). None opens the store found from the current folder up.
+    A list item is a store (named by its indexed folder) or a (name, store) pair; two stores
+    with the same name are refused. None opens the store found from the current folder up.
     """
     if stores is None:
         found = find_store()
@@ -61,7 +61,10 @@ def open_collections(
                 "folder or its store)"
             )
         stores = [found]
-    items = list(stores.items()) if isinstance(stores, Mapping) else [(None, s) for s in stores]
+    if isinstance(stores, Mapping):
+        items = list(stores.items())
+    else:
+        items = [s if isinstance(s, tuple) else (None, s) for s in stores]
     if not items:
         raise StoreError("no stores to serve")
     shared: dict[tuple, Embedder] = {}

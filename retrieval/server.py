@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import mimetypes
-import os
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -40,9 +39,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from . import clip_compat
-from .collection import Collection
 from .serve_input import RequestError, parse_int
-from .served_store import ServedStore, open_collections
+from .served_store import ServedStore, StoresArg, open_collections
 from .service import SearchService
 
 MAX_BODY_BYTES = 20 << 20  # a phone photo as base64 fits; a video or a disk image doesn't
@@ -61,13 +59,6 @@ BROWSER_IMAGE_TYPES = frozenset(
 WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
-StoresArg = (
-    Mapping[str, Collection | str | os.PathLike]
-    | Sequence[Collection | str | os.PathLike]
-    | None
-)
-
-
 def create_app(
     stores: StoresArg = None,
     *,
@@ -81,7 +72,8 @@ def create_app(
     url_timeout_s: float = 5.0,
     warm: bool = True,
 ) -> Starlette:
-    """The ASGI app serving `stores` (paths, Collections, or a name -> either mapping).
+    """The ASGI app serving `stores`: paths or Collections, in a list (named by their indexed
+    folders) or a name -> store mapping; a list may also hold (name, store) pairs.
 
     Loads each distinct model once, now. `allowed_hosts` (e.g. loopback names) refuses other
     Host headers, which stops DNS-rebinding pages from reading a server bound to loopback;

@@ -1,0 +1,55 @@
+"""Helpers shared by the server tests: an indexed shapes store and a live server in a thread."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fixtures.shapes import make_shape_folder
+
+DUPLICATE = "zz_copy_of_red_circle.png"  # a byte-identical copy, for deduplication
+
+
+def index_shapes(folder: Path, embedder, n: int = 120, seed: int = 1234):
+    """Draw `n` shapes (plus one exact duplicate) into `folder` and index them.
+
+    Returns (collection, drawn rows as make_shape_folder gives them).
+    """
+    from vqret.retrieval.collection import Collection
+
+    drawn = make_shape_folder(folder, n, seed=seed)
+    shutil.copyfile(drawn[0][0], folder / DUPLICATE)
+    collection = Collection.create(folder, embedder=embedder)
+    report = collection.index()
+    assert report.embedded + report.added >= n and not report.failed
+    return collection, drawn
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run `app` with uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    import uvicorn
+
+    # proto=IPPROTO_TCP, or asyncio leaves Nagle on and keep-alive answers wait ~40 ms
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server didn't start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -1,0 +1,153 @@
+"""The search page in a real browser: Debian's headless Chromium driven by Playwright.
+
+Needs /usr/bin/chromium (`apt-get install chromium`; .ci/run installs it) and the playwright
+Python package; Playwright's own browser downloads are never used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+pytest.importorskip("starlette")
+sync_api = pytest.importorskip("playwright.sync_api")
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium", allow_module_level=True)
+
+from serve_helpers import index_shapes, live_server  # noqa: E402
+from vqret.retrieval.server import create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, embedder):
+    """(base URL, collection) of a live server on 127.0.0.1 over the drawn shapes."""
+    collection, _ = index_shapes(tmp_path_factory.mktemp("web") / "shapes", embedder)
+    app = create_app([collection])
+    with live_server(app) as url:
+        yield url, collection
+    app.state.service.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        yield browser
+        browser.close()
+
+
+def card_ids(page) -> list[int]:
+    return page.eval_on_selector_all("#grid .card", "cards => cards.map(c => +c.dataset.id)")
+
+
+def paths_of(collection, ids: list[int]) -> list[str]:
+    rows = collection.store.rows_by_id(ids, ["id", "path"])
+    return [rows[i]["path"] for i in ids]
+
+
+def wait_for_thumbnails(page, n: int = 8) -> None:
+    page.wait_for_function(
+        f"""() => {{
+            const imgs = [...document.querySelectorAll('#grid .card img')].slice(0, {n});
+            return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }}"""
+    )
+
+
+def test_search_page_end_to_end(site, browser, tmp_path):
+    url, collection = site
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    problems: list[str] = []
+    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.set_default_timeout(15_000)
+    page.goto(url)
+
+    # Type a query: the grid fills with red circles, each with its score.
+    page.fill("#q", "a red circle")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#grid .card")
+    ids = card_ids(page)
+    assert len(ids) == 20
+    top = paths_of(collection, ids[:5])
+    assert "red_circle" in top[0] and sum("red_circle" in p for p in top) >= 4, top
+    assert "results for" in page.inner_text("#status")
+    score = page.inner_text("#grid .card .score")
+    assert 0 < float(score) <= 1
+    wait_for_thumbnails(page)
+    assert page.evaluate("location.search") == "?q=a+red+circle"
+    shot = tmp_path / "search.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("VQRET_SCREENSHOTS"):  # keep it for a person to look at
+        shutil.copy(shot, Path(os.environ["VQRET_SCREENSHOTS"]) / "search.png")
+
+    # A click opens the full image.
+    page.click("#grid .card .thumb")
+    page.wait_for_function(
+        "() => document.getElementById('viewer').open && "
+        "document.getElementById('full').naturalWidth > 0"
+    )
+    assert page.get_attribute("#full", "src") == f"/image/shapes/{ids[0]}"
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => !document.getElementById('viewer').open")
+
+    # "More like this" on the second result: that image itself is not among the answers.
+    second = ids[1]
+    page.click("#grid .card:nth-child(2) .like")
+    page.wait_for_function(f"() => !document.querySelector('#grid .card[data-id=\"{second}\"]')")
+    page.wait_for_function("() => document.querySelectorAll('#grid .card').length === 20")
+    similar = paths_of(collection, card_ids(page)[:4])
+    assert sum("red_circle" in p for p in similar) >= 3, similar
+
+    # Pick an image file to search by example.
+    blue = next(collection.store.root.glob("*_blue_square.png"))
+    page.set_input_files("#file", str(blue))
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('like')")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.includes('results')"
+    )
+    by_example = paths_of(collection, card_ids(page)[:4])
+    assert by_example[0] == blue.name and sum("blue_square" in p for p in by_example) >= 3
+
+    # Drop an image on the page (a File built in the page from a thumbnail it can fetch).
+    star_id = next(
+        r.id for r in collection.search(text="a green star", k=1)
+    )
+    page.evaluate(
+        """async (src) => {
+            const blob = await (await fetch(src)).blob();
+            const data = new DataTransfer();
+            data.items.add(new File([blob], 'dropped.jpg', { type: 'image/jpeg' }));
+            document.dispatchEvent(new DragEvent('drop', { dataTransfer: data }));
+        }""",
+        f"/thumb/shapes/{star_id}",
+    )
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.includes('dropped.jpg')"
+        " && document.getElementById('status').textContent.includes('results')"
+    )
+    dropped = paths_of(collection, card_ids(page)[:4])
+    assert sum("green_star" in p for p in dropped) >= 3, dropped
+
+    # An error is shown, not swallowed.
+    page.fill("#q", "   ")
+    page.press("#q", "Enter")
+    assert "Type something" in page.inner_text("#status")
+    assert not problems, problems
+    page.close()
