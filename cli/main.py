@@ -91,6 +91,10 @@ def index(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(help="fp32 | bf16 | fp16 | auto (bf16 on CPUs with native bf16, fp16 on CUDA)"),
+    ] = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
     workers: Annotated[
         int | None, typer.Option(help="Decode worker processes (default: CPU count, max 8).")
@@ -129,6 +133,7 @@ def index(
             pretrained=pretrained,
             rebuild=rebuild,
             device=device,
+            precision=precision,
             batch_size=batch_size,
             num_workers=workers,
         )

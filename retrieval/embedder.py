@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -234,6 +235,29 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def fast_precision(device: torch.device) -> str:
+    """The reduced precision this device runs fast: fp16 on CUDA, bf16 on CPUs with native
+    bf16 matmul (AVX512-BF16 / AMX), else fp32. Embeddings stay within cosine 0.999 of fp32."""
+    if device.type == "cuda":
+        return "fp16"
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return "bf16" if check is not None and check() else "fp32"
+    except RuntimeError:
+        return "fp32"
+
+
+def _causal_text_tower(model: torch.nn.Module):
+    """The module holding the text positions and causal mask, when prefix encoding is exact."""
+    tower = model.text if hasattr(model, "text") else model
+    pool = getattr(tower, "text_pool_type", "argmax")
+    if getattr(tower, "attn_mask", None) is None or pool != "argmax":
+        return None  # bidirectional or not pooled at EOT: every position matters
+    if not isinstance(getattr(tower, "positional_embedding", None), torch.nn.Parameter):
+        return None
+    return tower
+
+
 # --------------------------------------------------------------------------------------------
 # Decoding in worker processes
 # --------------------------------------------------------------------------------------------
@@ -315,9 +339,9 @@ class Embedder:
         if self.batch_size < 1:
             raise ValueError("batch size must be >= 1")
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"unknown precision {precision!r}: use fp32, bf16 or fp16")
-        self.precision = precision
+        if precision not in ("fp32", "bf16", "fp16", "auto"):
+            raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+        self.precision = fast_precision(self.device) if precision == "auto" else precision
         self.draft_decode = draft_decode
 
         checkpoint, preprocess_overrides, weights_id = resolve_weights(self.name, pretrained)
@@ -342,7 +366,11 @@ class Embedder:
                 f"weights {pretrained!r} don't fit model {self.name!r}: {first}"
             ) from e
         model_obj.eval()
+        if self.precision != "fp32" and self.device.type == "cpu":
+            # oneDNN's bf16 convolution (the patch embedding) wants NHWC
+            model_obj = model_obj.to(memory_format=torch.channels_last)
         self.model = model_obj
+        self._text_lock = threading.Lock()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(self.name)
         visual = model_obj.visual
@@ -388,16 +416,41 @@ class Embedder:
         for start in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(list(texts[start : start + self.batch_size])).to(self.device)
             with self._autocast():
-                out.append(self._normalise(self.model.encode_text(tokens)))
+                out.append(self._normalise(self.encode_tokens(tokens)))
         if not out:
             return np.zeros((0, getattr(self, "embed_dim", 0)), dtype=np.float32)
         return np.concatenate(out)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """encode_text over the shortest prefix that holds every end token.
+
+        The text tower is causal and pools at the end-of-text token, so positions after it
+        change nothing: a 3-word query costs ~8 positions instead of 77.
+        """
+        tower = _causal_text_tower(self.model)
+        if tower is None:
+            return self.model.encode_text(tokens)
+        length = int(tokens.argmax(dim=1).max()) + 1  # EOT has the highest token id
+        if length >= tokens.shape[1]:
+            return self.model.encode_text(tokens)
+        full_pos, full_mask = tower.positional_embedding, tower.attn_mask
+        with self._text_lock:  # the tower is shortened in place for this call only
+            try:
+                tower.positional_embedding = torch.nn.Parameter(
+                    full_pos[:length], requires_grad=False
+                )
+                tower.attn_mask = full_mask[:length, :length]
+                return self.model.encode_text(tokens[:, :length])
+            finally:
+                tower.positional_embedding, tower.attn_mask = full_pos, full_mask
 
     # ---- images ---------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) preprocessed pixels -> (B, D) normalised embeddings."""
         pixels = pixels.to(self.device, non_blocking=True)
+        if self.precision != "fp32" and self.device.type == "cpu":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             return self._normalise(self.model.encode_image(pixels))
 

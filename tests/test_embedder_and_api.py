@@ -86,3 +86,29 @@ def test_python_api_index_and_search(shapes_folder, tiny_clip):
 
     reopened = vqret.Collection.open(folder)  # finds folder/.vqret, loads the model it records
     assert [h.id for h in reopened.search(text="a green square", k=5)] == [h.id for h in hits]
+
+
+def test_text_prefix_encoding_gives_the_full_embedding(embedder):
+    import torch
+
+    texts = ["a red circle", "x", "a purple star " * 3]
+    tokens = embedder.tokenizer(texts)
+    with torch.inference_mode():
+        full = embedder.model.encode_text(tokens)
+        prefix = embedder.encode_tokens(tokens)
+    # the causal tower pools at the end token: positions after it can't change the result
+    assert torch.allclose(full, prefix, atol=1e-5)
+    assert embedder.model.positional_embedding.shape[0] == tokens.shape[1]  # restored
+
+
+def test_bf16_embeddings_stay_within_cosine_0999_and_keep_the_top10(tiny_clip, shapes_folder):
+    _, drawn = shapes_folder
+    paths = [str(p) for p, *_ in drawn[:48]]
+    fp32 = Embedder(*tiny_clip, device="cpu", num_workers=0)
+    bf16 = Embedder(*tiny_clip, device="cpu", num_workers=0, precision="bf16")
+    a, b = fp32.embed_images(paths), bf16.embed_images(paths)
+    assert np.min(np.sum(a * b, axis=1)) >= 0.999
+    ta, tb = fp32.embed_texts(["a red circle"]), bf16.embed_texts(["a red circle"])
+    assert float((ta @ tb.T)[0, 0]) >= 0.999
+    top = lambda q, x: set(np.argsort(-(x @ q[0]))[:10].tolist())  # noqa: E731
+    assert top(ta, a) == top(tb, b)
