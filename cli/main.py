@@ -93,7 +93,7 @@ def index(
     device: DeviceOpt = "auto",
     precision: Annotated[
         str,
-        typer.Option(help="fp32 | bf16 | fp16 | auto (bf16 on CPUs with native bf16, fp16 on CUDA)"),
+        typer.Option(help="fp32 | bf16 | fp16 | auto (bf16 on CPUs that have it, fp16 on CUDA)"),
     ] = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
     workers: Annotated[
