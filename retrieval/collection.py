@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from PIL import Image
 from .embedder import DEFAULT_MODEL, DEFAULT_PRETRAINED, Embedder
 from .images import load_image
 from .store import IMAGES, STORE_DIRNAME, TEXTS, Store, StoreError, find_store
+
+TEXT_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Collection:
         self._indexes: dict[str, Any] = {}
         self._lookups: dict[str, dict[int, dict]] = {}
         self._index_generation: int | None = None
+        # warm repeated queries skip the text tower (a server sees the same queries often)
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     # ---- opening --------------------------------------------------------------------------
     @classmethod
@@ -178,7 +183,15 @@ class Collection:
         if text is not None:
             if not text.strip():
                 raise ValueError("empty query: give some text to search for")
-            return self.embedder.embed_texts([text])[0]
+            cached = self._text_cache.get(text)
+            if cached is None:
+                cached = self.embedder.embed_texts([text])[0]
+                self._text_cache[text] = cached
+                if len(self._text_cache) > TEXT_CACHE_SIZE:
+                    self._text_cache.popitem(last=False)
+            else:
+                self._text_cache.move_to_end(text)
+            return cached
         if not isinstance(image, Image.Image):
             image = load_image(image, draft_size=(self.embedder.image_size,) * 2)
         return self.embedder.embed_images([image])[0]
