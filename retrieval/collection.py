@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class Collection:
         self._index_generation: int | None = None
         # warm repeated queries skip the text tower (a server sees the same queries often)
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     # ---- opening --------------------------------------------------------------------------
     @classmethod
@@ -183,15 +185,17 @@ class Collection:
         if text is not None:
             if not text.strip():
                 raise ValueError("empty query: give some text to search for")
-            cached = self._text_cache.get(text)
-            if cached is None:
-                cached = self.embedder.embed_texts([text])[0]
-                self._text_cache[text] = cached
+            with self._cache_lock:
+                cached = self._text_cache.get(text)
+                if cached is not None:
+                    self._text_cache.move_to_end(text)
+                    return cached
+            vector = self.embedder.embed_texts([text])[0]
+            with self._cache_lock:
+                self._text_cache[text] = vector
                 if len(self._text_cache) > TEXT_CACHE_SIZE:
                     self._text_cache.popitem(last=False)
-            else:
-                self._text_cache.move_to_end(text)
-            return cached
+            return vector
         if not isinstance(image, Image.Image):
             image = load_image(image, draft_size=(self.embedder.image_size,) * 2)
         return self.embedder.embed_images([image])[0]
