@@ -140,7 +140,7 @@ class Collection:
     def index_texts(self, file: str | os.PathLike, *, wait: float = 0) -> dict[str, Any]:
         """Add the texts of a CSV/JSONL file (`text` or `caption`, optional `image` column) to
         the text table; running it again updates that file's rows. Returns the counts."""
-        from .index import update_index
+        from .index import update_after_write
         from .texts import caption_file_rows, from_file, sync_texts
 
         path = Path(file)
@@ -152,13 +152,7 @@ class Collection:
                                  images.column("id").to_pylist(), strict=True))
             rows = caption_file_rows(path, image_ids)
             report = sync_texts(writer, self.embedder, rows, owned=from_file(path.name))
-            update_index(
-                self.store,
-                TEXTS,
-                start_generation=writer.start_generation[TEXTS],
-                changed_ids=writer.changed_ids(TEXTS),
-                removed=bool(writer.removed[TEXTS]),
-            )
+            update_after_write(writer, TEXTS)
         return report.to_dict()
 
     # ---- searching ------------------------------------------------------------------------

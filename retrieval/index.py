@@ -215,6 +215,21 @@ def update_index(
     return plan
 
 
+def update_after_write(
+    writer, table: str = IMAGES, *, kind: str | None = None, memory: int | None = None
+) -> ann.IndexPlan:
+    """`update_index` with what a StoreWriter changed in `table` during its run."""
+    return update_index(
+        writer.store,
+        table,
+        kind=kind,
+        memory=memory,
+        start_generation=writer.start_generation[table],
+        changed_ids=writer.changed_ids(table),
+        removed=bool(writer.removed[table]),
+    )
+
+
 def _apply_changes(store: Store, table: str, index: faiss.Index, changed: set[int]) -> None:
     if not changed:
         return

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from .embedder import Embedder
-from .index import update_index
+from .index import update_after_write
 from .store import (
     IMAGES,
     TEXTS,
@@ -220,22 +220,11 @@ class Indexer:
         self._sync_sidecars(writer)
         # Failing files are retried every run, so this run's failures are the whole list.
         writer.commit(failures=self.report.failed)
-        self.report.index = update_index(
-            self.store,
-            kind=self.index_kind,
-            memory=self.index_memory,
-            start_generation=writer.start_generation[IMAGES],
-            changed_ids=writer.changed_ids(),
-            removed=bool(writer.removed[IMAGES]),
+        self.report.index = update_after_write(
+            writer, IMAGES, kind=self.index_kind, memory=self.index_memory
         ).to_dict()
         if self.store.count(TEXTS) or writer.changed_ids(TEXTS):
-            update_index(
-                self.store,
-                TEXTS,
-                start_generation=writer.start_generation[TEXTS],
-                changed_ids=writer.changed_ids(TEXTS),
-                removed=bool(writer.removed[TEXTS]),
-            )
+            update_after_write(writer, TEXTS)
         self.report.seconds = time.perf_counter() - start
         return self.report
 

@@ -1,0 +1,755 @@
+"""Scale out on Ray: embed through a Ray Data actor pool, build big IVF indexes shard by shard.
+
+`vqret index SOURCE --engine ray` runs the same `Indexer` as the local engine; only the step
+that sends images through the model changes. `RayEmbedder.iter_image_files` has the interface
+of `Embedder.iter_image_files` (a list of files in, `ImageBatch`es out, in any order, failures
+as data), so the incremental rules, ids, commits and failure reports are the local engine's by
+construction:
+
+    driver: walk + hash + plan (Indexer)  ->  Ray Data: (position, path) blocks
+        ->  map_batches(_EmbedWorker, actor pool: model loaded once per actor, 1 GPU each
+            when the cluster has GPUs)  ->  iter_batches on the driver  ->  Indexer commits
+
+Results stream back as actors finish batches (no materialisation), so the driver commits
+while the cluster keeps embedding, and a killed run loses at most what wasn't committed.
+
+`build_sharded_index` is the index side: train the IVF quantizer on a sample, add the
+vectors of the store's Parquet parts shard by shard in parallel Ray tasks, merge the shards'
+inverted lists into one index. No process ever holds all the raw vectors.
+
+Ray is an optional extra (`pip install 'vqret[ray]'`): nothing here imports it at module
+level, so the CLI can import this module to say how to install it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import ann
+from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles
+from .images import IMAGE_EXTENSIONS
+from .index import index_files, load_saved, read_meta, save_index, update_index
+from .indexer import Indexer, IndexReport
+from .store import IMAGES, Store, embeddings_from_arrow, write_atomic
+from .walk import SKIPPED_DIRS, FileEntry
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'vqret[ray]'"
+# Below this many rows one process trains and fills an IVF index in minutes; a cluster job
+# (start-up, shipping shards) would cost more than it saves.
+SHARDED_ABOVE = 2_000_000
+# Rows per (position, path) block handed to the actor pool: large enough that per-block
+# scheduling overhead is noise at 100M images, small enough that blocks spread over actors.
+MAX_BLOCK_ROWS = 4096
+
+
+class RayUnavailableError(RuntimeError):
+    """`--engine ray` was asked for, but ray (with Ray Data) isn't installed."""
+
+
+def require_ray() -> Any:
+    """The `ray` module with Ray Data, or RayUnavailableError with the one-line install hint."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - `ray` without the [data] extra lacks it
+    except ImportError:
+        raise RayUnavailableError(
+            f"--engine ray needs Ray with Ray Data: {INSTALL_HINT}"
+        ) from None
+    return ray
+
+
+def connect(address: str | None = None) -> bool:
+    """Join the Ray cluster at `address` ("auto", "ray://host:10001"), or start a local one.
+
+    Returns True when this call started Ray (so the caller may shut it down). An already
+    initialised Ray (a test, a notebook, a Ray job's driver) is used as it is.
+    """
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        # Actors import vqret and torch; their own logs go to the driver's stderr.
+        log_to_driver=True,
+    )
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: a local folder, or an fsspec URL
+# --------------------------------------------------------------------------------------------
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _read_bytes(url: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+@dataclass
+class FsspecSource:
+    """Images under an fsspec URL (s3://bucket/photos, gs://..., file:///...).
+
+    The three things the Indexer does with a folder, over fsspec: list the files with size
+    and modification time (`walk`, one `fs.find(detail=True)`: a paged LIST, no per-file
+    request), hash a file's content (`hash`) and name it for the workers (`path`: a URL they
+    open with fsspec). Wiring it into the Indexer needs the `source` hook described in the
+    README ("Remote folders"); `RayEmbedder` already reads URLs.
+    """
+
+    url: str
+
+    def __post_init__(self) -> None:
+        import fsspec
+
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/")
+        self.protocol = self.url.split("://", 1)[0]
+
+    def walk(self, on_error: Callable[[str, str], None] | None = None) -> Iterator[FileEntry]:
+        """Image files under the URL in name order, skipped like `walk_images` skips."""
+        try:
+            found = self.fs.find(self.root, withdirs=False, detail=True)
+        except OSError as e:
+            raise OSError(f"{self.url}: can't list ({e})") from e
+        for full in sorted(found):
+            rel = full[len(self.root) :].lstrip("/")
+            names = rel.split("/")
+            if any(n.startswith(".") or n.lower() in SKIPPED_DIRS for n in names):
+                continue
+            if Path(rel).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            info = found[full]
+            try:
+                yield FileEntry(rel, int(info["size"]), _version_ns(info))
+            except (KeyError, TypeError, ValueError) as e:
+                if on_error is not None:
+                    on_error(rel, f"unreadable listing entry ({e})")
+
+    def hash(self, relpath: str, chunk: int = 1 << 20) -> str:
+        """blake2b-128 of the content, streamed: the same digest `file_hash` gives locally."""
+        digest = hashlib.blake2b(digest_size=16)
+        with self.fs.open(f"{self.root}/{relpath}", "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def path(self, relpath: str) -> str:
+        return f"{self.protocol}://{self.root}/{relpath}"
+
+
+def _version_ns(info: dict[str, Any]) -> int:
+    """A file's modification time in ns from an fsspec listing entry.
+
+    Object stores name it differently (s3fs LastModified, gcsfs updated, adlfs last_modified,
+    local mtime). Where a listing has none, a digest of its ETag / checksum stands in: the
+    Indexer only asks "same size and same stamp?", and a changed object changes its ETag.
+    """
+    from datetime import datetime
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, int | float):
+            return int(value * 1e9)
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime):
+            return int(value.timestamp() * 1e9)
+    for key in ("ETag", "etag", "md5Hash", "crc32c", "content_md5"):
+        if info.get(key):
+            digest = hashlib.blake2b(str(info[key]).encode(), digest_size=8).digest()
+            return int.from_bytes(digest, "big") >> 1  # int64, like a real mtime_ns
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding on Ray Data
+# --------------------------------------------------------------------------------------------
+
+
+class _EmbedWorker:
+    """One actor of the pool: loads the model once, then decodes and embeds batches.
+
+    Ray Data constructs it with no arguments; the configuration is a class attribute of the
+    subclass `RayEmbedder` makes for each run (see `_worker_class`).
+    """
+
+    config: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        import torch
+
+        cfg = self.config
+        # One intra-op thread per CPU Ray gave the actor: more would fight the other actors.
+        torch.set_num_threads(max(1, int(cfg["num_cpus"])))
+        self.embedder = Embedder.from_spec(
+            ModelSpec.from_dict(cfg["spec"]),
+            device=cfg["device"],
+            batch_size=cfg["batch_size"],
+            num_workers=0,
+            precision=cfg["precision"],
+            draft_decode=cfg["draft_decode"],
+        )
+        self.draft = self.embedder.image_size if cfg["draft_decode"] else None
+        # PIL decodes and resizes without the GIL, so threads keep a GPU actor fed.
+        threads = int(cfg["decode_threads"])
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def _decode(self, path: str) -> tuple[Any, tuple[int, int], str | None]:
+        source: str | bytes = path
+        if is_url(path):
+            try:
+                source = _read_bytes(path)
+            except Exception as e:  # noqa: BLE001 - one unreadable object is one failure
+                return None, (0, 0), f"unreadable ({type(e).__name__}: {e})".splitlines()[0]
+        # The local engine's own per-file decode: same loader, draft size, transform, causes.
+        _, pixels, size, cause = _ImageFiles([source], self.embedder.preprocess, self.draft)[0]
+        return pixels, size, cause
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        paths = [str(p) for p in batch["path"]]
+        decoded = list(self.pool.map(self._decode, paths) if self.pool else map(
+            self._decode, paths))
+        good = [i for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
+        dim = self.embedder.embed_dim
+        embeddings = np.zeros((len(paths), dim), np.float32)
+        if good:
+            pixels = torch.stack([decoded[i][0] for i in good])
+            embeddings[good] = self.embedder.encode_pixels(pixels)
+        return {
+            "position": np.asarray(batch["position"], np.int64),
+            "embedding": embeddings,  # zeros where decoding failed; `error` says why
+            "width": np.asarray([d[1][0] for d in decoded], np.int32),
+            "height": np.asarray([d[1][1] for d in decoded], np.int32),
+            "error": np.asarray([d[2] or "" for d in decoded], dtype=object),
+        }
+
+
+class RayEmbedder:
+    """`Embedder.iter_image_files` on a Ray cluster; texts are embedded locally.
+
+    `spec` is the store's ModelSpec: every actor rebuilds exactly the store's model from it
+    (`Embedder.from_spec`), so weights must be reachable on every node: a pretrained tag in
+    each node's Hugging Face cache (or downloadable), or a checkpoint at the same path.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        address: str | None = None,
+        num_workers: int | None = None,
+        batch_size: int = 64,
+        device: str = "auto",
+        precision: str = "fp32",
+        draft_decode: bool = True,
+        cpus_per_worker: float | None = None,
+        text_embedder: Embedder | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError("batch size must be >= 1")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
+        self.spec = spec
+        self.embed_dim = spec.embed_dim
+        self.address = address
+        self.num_workers = num_workers
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.precision = precision
+        self.draft_decode = draft_decode
+        self.cpus_per_worker = cpus_per_worker
+        self._text_embedder = text_embedder
+        self.started_ray = False
+        self.last_run: dict[str, Any] = {}  # actors, resources: what the last run used
+
+    # ---- texts (sidecar captions): few and cheap, so on the driver -------------------------
+    @property
+    def text_embedder(self) -> Embedder:
+        if self._text_embedder is None:
+            self._text_embedder = Embedder.from_spec(self.spec, device="cpu", num_workers=0)
+        return self._text_embedder
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.text_embedder.embed_texts(texts)
+
+    # ---- images ---------------------------------------------------------------------------
+    def _plan(self, n_paths: int) -> dict[str, Any]:
+        """Actors and resources per actor for this cluster and this many files."""
+        ray = require_ray()
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+        use_gpu = self.device == "cuda" or (self.device == "auto" and gpus > 0)
+        if use_gpu and gpus == 0:
+            raise ValueError("--device cuda was asked for but the Ray cluster has no GPU")
+        if use_gpu:
+            # Each GPU actor gets its share of the node's CPUs for decoding, up to 8.
+            per = self.cpus_per_worker or float(max(1, min(8, cpus // gpus)))
+            slots = gpus
+        else:
+            per = self.cpus_per_worker or 1.0
+            slots = max(1, int(cpus // per))
+        wanted = self.num_workers or slots
+        # No more actors than batches: each actor loads the whole model.
+        actors = max(1, min(wanted, math.ceil(n_paths / self.batch_size)))
+        return {
+            "actors": actors,
+            "num_gpus": 1 if use_gpu else 0,
+            "num_cpus": per,
+            "device": "cuda" if use_gpu else "cpu",
+        }
+
+    def _worker_class(self, plan: dict[str, Any]) -> type[_EmbedWorker]:
+        config = {
+            "spec": self.spec.to_dict(),
+            "device": plan["device"],
+            "batch_size": self.batch_size,
+            "precision": self.precision,
+            "draft_decode": self.draft_decode,
+            "num_cpus": plan["num_cpus"],
+            "decode_threads": max(1, int(plan["num_cpus"])),
+        }
+        # A subclass per run, so the actor takes no constructor arguments: the config travels
+        # with the class (pickled by value, it's small) and the base stays importable.
+        return type("_EmbedWorker", (_EmbedWorker,), {"config": config})
+
+    def iter_image_files(
+        self, paths: Sequence[str], num_workers: int | None = None
+    ) -> Iterator[ImageBatch]:
+        """Stream `ImageBatch`es as the actor pool finishes them (any order).
+
+        Files that fail to decode come back as `failures` with the local engine's causes.
+        `num_workers` (decode processes of the local engine) has no meaning here: the pool
+        size is `self.num_workers` or one actor per GPU (per CPU without GPUs).
+        """
+        del num_workers
+        if not len(paths):
+            return
+        ray = require_ray()
+        self.started_ray = connect(self.address) or self.started_ray
+        import pyarrow as pa
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the caller shows its own progress
+        plan = self._plan(len(paths))
+        self.last_run = dict(plan, images=len(paths))
+        # Blocks of whole batches, a few per actor, so that work spreads evenly.
+        per_block = math.ceil(len(paths) / (plan["actors"] * 4) / self.batch_size)
+        block = max(self.batch_size, min(MAX_BLOCK_ROWS, per_block * self.batch_size))
+        blocks = [
+            pa.table(
+                {
+                    "position": pa.array(range(start, min(start + block, len(paths))), pa.int64()),
+                    "path": pa.array([str(p) for p in paths[start : start + block]], pa.string()),
+                }
+            )
+            for start in range(0, len(paths), block)
+        ]
+        dataset = ray.data.from_arrow(blocks).map_batches(
+            self._worker_class(plan),
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+            num_gpus=plan["num_gpus"],
+            num_cpus=plan["num_cpus"],
+        )
+        for out in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            yield _to_image_batch(out, self.embed_dim)
+
+    def close(self) -> None:
+        """Shut Ray down if this embedder started it."""
+        if self.started_ray:
+            require_ray().shutdown()
+            self.started_ray = False
+
+
+def _to_image_batch(out: dict[str, np.ndarray], dim: int) -> ImageBatch:
+    errors = [str(e) for e in out["error"]]
+    ok = np.asarray([not e for e in errors], bool)
+    positions = out["position"].astype(np.int64)
+    embeddings = np.ascontiguousarray(
+        np.asarray(out["embedding"], np.float32).reshape(-1, dim)[ok]
+    )
+    return ImageBatch(
+        indices=positions[ok].tolist(),
+        embeddings=embeddings,
+        sizes=[(int(w), int(h)) for w, h in zip(out["width"][ok], out["height"][ok], strict=True)],
+        failures=[(int(p), e) for p, e in zip(positions, errors, strict=True) if e],
+    )
+
+
+def index_folder_with_ray(
+    store: Store,
+    spec: ModelSpec,
+    folder: Path | str,
+    address: str | None = None,
+    *,
+    wait: float = 0,
+    num_workers: int | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    text_embedder: Embedder | None = None,
+    **indexer_kwargs: Any,
+) -> IndexReport:
+    """`index_folder`, with the images embedded on Ray (local Ray when `address` is None).
+
+    Everything but the model step is the local engine's `Indexer`. Ray is shut down at the
+    end only if this call started it.
+    """
+    embedder = RayEmbedder(
+        spec,
+        address=address,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        device=device,
+        text_embedder=text_embedder,
+    )
+    require_ray()
+    # The index hook, once indexer.py has it: big collections then build their IVF index
+    # in parallel tasks too (see ray_update_index); until then update_index runs in-process.
+    if "index_updater" in inspect.signature(Indexer.__init__).parameters:
+        indexer_kwargs.setdefault("index_updater", ray_update_index)
+    try:
+        with store.writer(wait) as writer:
+            return Indexer(store, embedder, Path(folder), **indexer_kwargs).run(writer)
+    finally:
+        embedder.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Index building for large collections
+# --------------------------------------------------------------------------------------------
+
+
+def _part_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def _iter_part_vectors(
+    paths: Iterable[str], dim: int, rows: int = 65_536
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) of Parquet parts, `rows` at a time: a shard never sits in memory whole."""
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=rows, columns=["id", "embedding"]):
+            ids = batch.column("id").to_numpy().astype(np.int64, copy=False)
+            yield ids, np.ascontiguousarray(embeddings_from_arrow(batch.column("embedding"), dim))
+
+
+def _sample_rows(paths: list[str], dim: int, take: int, seed: int) -> np.ndarray:
+    """`take` random vectors of these parts (fewer if they hold fewer)."""
+    rng = np.random.default_rng(seed)
+    total = sum(_part_rows(Path(p)) for p in paths)
+    take = min(take, total)
+    chosen = np.sort(rng.choice(total, take, replace=False)) if take else np.zeros(0, np.int64)
+    out, offset = [], 0
+    for _, vectors in _iter_part_vectors(paths, dim):
+        here = chosen[(chosen >= offset) & (chosen < offset + len(vectors))] - offset
+        out.append(vectors[here])
+        offset += len(vectors)
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
+def _add_shard(
+    trained: np.ndarray, paths: list[str], dim: int, queries: np.ndarray, k: int
+) -> dict[str, Any]:
+    """Fill a copy of the trained (empty) index with these parts' vectors.
+
+    Also the exact top-k of the tuning queries within the shard, so recall can be measured
+    against exact search without any process seeing the whole collection.
+    """
+    import faiss
+
+    index = faiss.deserialize_index(trained)
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_ids = np.full((len(queries), k), -1, np.int64)
+    rows = 0
+    for ids, vectors in _iter_part_vectors(paths, dim):
+        index.add_with_ids(vectors, ids)
+        rows += len(ids)
+        if len(queries):
+            scores, pos = faiss.knn(queries, vectors, min(k, len(vectors)),
+                                    metric=faiss.METRIC_INNER_PRODUCT)
+            best_scores, best_ids = _merge_topk(best_scores, best_ids, scores, ids[pos], k)
+    return {
+        "index": faiss.serialize_index(index),
+        "scores": best_scores,
+        "ids": best_ids,
+        "rows": rows,
+    }
+
+
+def _merge_topk(
+    scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, ids_b: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.concatenate([scores_a, scores_b], axis=1)
+    ids = np.concatenate([ids_a, ids_b], axis=1)
+    # ties broken by id, so that the merge order of shards can't change the answer
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _shards(paths: list[str], rows_per_shard: int) -> list[list[str]]:
+    """Consecutive parts grouped to about `rows_per_shard` rows (a bigger part: a shard)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for path in paths:
+        n = _part_rows(Path(path))
+        if shards[-1] and size + n > rows_per_shard:
+            shards.append([])
+            size = 0
+        shards[-1].append(path)
+        size += n
+    return [s for s in shards if s]
+
+
+def merge_into(merged: Any, shard: Any) -> None:
+    """Move `shard`'s inverted lists into `merged` (same trained quantizer; ids kept)."""
+    # IndexIVF.merge_from moves list by list; IndexPreTransform (OPQ, PCA) forwards to its IVF.
+    merged.merge_from(shard, 0)
+
+
+def build_sharded_index(
+    store: Store,
+    kind: str = "auto",
+    memory: int | None = None,
+    *,
+    rows_per_shard: int = 1_000_000,
+    train_size: int | None = None,
+    reuse_trained: bool = False,
+    target: float = 0.95,
+    n_queries: int = 200,
+    seed: int = 0,
+    address: str | None = None,
+    table: str = IMAGES,
+) -> ann.IndexPlan:
+    """Build and save the IVF index of a big table with Ray tasks; returns its plan.
+
+    1. sample: tasks draw a uniform random sample (training set + tuning queries) from the
+       shards, in proportion to their rows;
+    2. train the quantizer on the sample (this process; on a GPU node, faiss-gpu trains it
+       fastest). With `reuse_trained`, a saved index of the same factory that was trained on
+       at least 1/RETRAIN_GROWTH of today's rows keeps its training (emptied, not retrained);
+    3. add: one task per shard (~`rows_per_shard` rows of consecutive Parquet parts, read
+       64k rows at a time) fills a copy of the trained index and finds the exact top-10 of
+       the tuning queries in its shard;
+    4. merge: this process moves each shard's inverted lists into one index as the tasks
+       finish, then tunes nprobe to `target` recall@10 against the merged exact top-10.
+
+    Memory: a task holds one read batch and its shard's codes; this process holds the
+    sample, the merged index (the codes search needs anyway) and one shard in flight. The
+    tasks read the parts from the store folder, so on a multi-node cluster the store must be
+    on storage every node mounts. Call it holding the store's writer (`store.writer()`),
+    as the Indexer does, so that no part disappears underneath.
+    """
+    import faiss
+
+    ray = require_ray()
+    connect(address)
+    started = time.perf_counter()
+    dim = store.dim
+    paths = [str(store.path / table / name) for name in store.parts(table)]
+    n = sum(_part_rows(Path(p)) for p in paths)
+    plan = ann.plan_index(n, dim, kind, memory)
+    if plan.kind not in ("ivf", "ivfpq"):
+        raise ValueError(
+            f"sharded building makes IVF indexes (ivf, ivfpq); {n} rows with --index {kind} "
+            f"gives {plan.kind}: use update_index for it"
+        )
+    shards = _shards(paths, rows_per_shard)
+    rows = [sum(_part_rows(Path(p)) for p in s) for s in shards]
+
+    trained = None
+    if reuse_trained:
+        trained, previous = _reusable_trained(store, table, plan, n)
+        plan = previous or plan
+    want = n_queries if trained is not None else max(
+        train_size or min(n, max(64 * plan.nlist, 10_000)), n_queries
+    )
+    sample_task = ray.remote(num_cpus=1)(_sample_rows)
+    rng = np.random.default_rng(seed)
+    refs = [
+        sample_task.remote(s, dim, q, int(rng.integers(1 << 31)))
+        for s, q in zip(shards, _proportional(want, rows), strict=True)
+        if q
+    ]
+    sample = np.concatenate(ray.get(refs)) if refs else np.zeros((0, dim), np.float32)
+    pick = rng.choice(len(sample), min(n_queries, len(sample)), replace=False)
+    queries = np.ascontiguousarray(sample[np.sort(pick)], np.float32)
+
+    if trained is None:
+        trained = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(trained).cp.niter = 10  # as ann.build_index: nprobe recovers
+        trained.train(sample)
+        plan.trained_n = n
+    del sample
+    trained_ref = ray.put(faiss.serialize_index(trained))
+    k = min(10, n)
+    add_task = ray.remote(num_cpus=1)(_add_shard)
+    pending = [add_task.remote(trained_ref, s, dim, queries, k) for s in shards]
+    merged = None
+    truth_scores = np.full((len(queries), k), -np.inf, np.float32)
+    truth_ids = np.full((len(queries), k), -1, np.int64)
+    while pending:
+        # Merge whichever shard is ready first: one shard in flight here, not all of them.
+        ready, pending = ray.wait(pending, num_returns=1)
+        result = ray.get(ready[0])
+        shard = faiss.deserialize_index(result.pop("index"))
+        if merged is None:
+            merged = shard
+        else:
+            merge_into(merged, shard)
+        truth_scores, truth_ids = _merge_topk(
+            truth_scores, truth_ids, result["scores"], result["ids"], k
+        )
+        del shard, result
+    assert merged is not None and merged.ntotal == n, "a shard went missing while merging"
+    tune_with_truth(merged, plan, queries, truth_ids, target)
+    save_index(store, merged, table, plan)
+    # What update_index records too: the type asked for, kept by later runs without --index.
+    meta = read_meta(store, table) or {}
+    meta["asked"] = kind
+    write_atomic(index_files(store, table)[1], json.dumps(meta, indent=2).encode())
+    log.info("sharded %s: %d rows in %d shards, %.1f s", plan.factory, n, len(shards),
+             time.perf_counter() - started)
+    return plan
+
+
+def _proportional(total: int, weights: list[int]) -> list[int]:
+    whole = sum(weights)
+    if not whole:
+        return [0] * len(weights)
+    exact = [total * w / whole for w in weights]
+    quota = [min(int(e), w) for e, w in zip(exact, weights, strict=True)]
+    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - quota[i], reverse=True)
+    for i in by_remainder[: total - sum(quota)]:
+        quota[i] = min(quota[i] + 1, weights[i])
+    return quota
+
+
+def _reusable_trained(
+    store: Store, table: str, plan: ann.IndexPlan, n: int
+) -> tuple[Any, ann.IndexPlan | None]:
+    """(the saved index emptied, its plan) when its quantizer still serves `n` rows, the rule
+    update_index follows (same kind, at most RETRAIN_GROWTH x the rows it was trained on);
+    else (None, None)."""
+    meta = read_meta(store, table)
+    if meta is None or "plan" not in meta:
+        return None, None
+    previous = ann.IndexPlan.from_dict(meta["plan"])
+    if previous.kind != plan.kind or n > ann.RETRAIN_GROWTH * max(previous.trained_n, 1):
+        return None, None
+    saved = load_saved(store, table, any_generation=True)
+    if saved is None:
+        return None, None
+    index = saved[0]
+    index.reset()  # drops the vectors, keeps the trained quantizer (and an OPQ rotation)
+    return index, previous
+
+
+def tune_with_truth(
+    index: Any, plan: ann.IndexPlan, queries: np.ndarray, truth: np.ndarray, target: float
+) -> ann.IndexPlan:
+    """`ann.tune`, with the exact top-k given (computed shard by shard) instead of computed
+    here from all vectors."""
+    if not len(queries):
+        plan.params, plan.recall_at_10 = {}, None
+        return plan
+    k = truth.shape[1]
+    values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v <= plan.nlist]
+    values = values or [plan.nlist]
+    recall = 0.0
+    for value in values:
+        ann.set_search_params(index, {"nprobe": value})
+        recall = ann.recall_vs_exact(index.search(queries, k)[1], truth)
+        if recall >= target:
+            break
+    plan.params = {"nprobe": value}
+    plan.recall_at_10 = round(recall, 4)
+    plan.query_ms = round(ann.single_query_ms(index, queries[:50], k), 3)
+    return plan
+
+
+def ray_update_index(
+    store: Store,
+    table: str = IMAGES,
+    *,
+    kind: str | None = None,
+    memory: int | None = None,
+    start_generation: int | None = None,
+    changed_ids: Iterable[int] | None = None,
+    removed: bool = True,
+    sharded_above: int = SHARDED_ABOVE,
+    rows_per_shard: int = 1_000_000,
+) -> ann.IndexPlan:
+    """`update_index` (same arguments), built on Ray when the table is big.
+
+    Small tables, texts and non-IVF plans (exact, HNSW) go to `update_index` as they are.
+    Big IVF tables are rebuilt in parallel (`build_sharded_index`), keeping the trained
+    quantizer while the table is within RETRAIN_GROWTH of the size it was trained at:
+    `update_index`'s in-place path reads every vector into one process to re-tune, which
+    is what a big table can't afford.
+    """
+    meta = read_meta(store, table)
+    asked = kind or (meta or {}).get("asked", "auto")
+    n = store.count(table)
+    plan = ann.plan_index(n, store.dim, asked, memory)
+    if table != IMAGES or n < sharded_above or plan.kind not in ("ivf", "ivfpq"):
+        return update_index(
+            store,
+            table,
+            kind=kind,
+            memory=memory,
+            start_generation=start_generation,
+            changed_ids=changed_ids,
+            removed=removed,
+        )
+    if meta is not None and meta.get("generation") == store.table_generation(table):
+        return ann.IndexPlan.from_dict(meta["plan"])  # nothing changed since it was saved
+    return build_sharded_index(
+        store, asked, memory, rows_per_shard=rows_per_shard, reuse_trained=True, table=table
+    )
+
+
+__all__ = [
+    "INSTALL_HINT",
+    "FsspecSource",
+    "RayEmbedder",
+    "RayUnavailableError",
+    "build_sharded_index",
+    "connect",
+    "index_folder_with_ray",
+    "merge_into",
+    "ray_update_index",
+    "require_ray",
+]
