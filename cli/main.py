@@ -365,6 +365,10 @@ from vqret.cli.serve import register as _register_serve  # noqa: E402
 
 _register_serve(app)
 
+from vqret.cli.tokenizer import register as _register_tokenizer  # noqa: E402
+
+_register_tokenizer(app, bench_app)
+
 
 @bench_app.command("recall")
 def bench_recall(
