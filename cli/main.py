@@ -45,7 +45,10 @@ def _configure(
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: a message may hold brackets ("pip install 'vqret[ray]'") that aren't markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -117,6 +120,13 @@ def index(
     commit_every: Annotated[
         int, typer.Option("--commit-every", min=1, help="Commit after this many new images.")
     ] = 512,
+    engine: Annotated[
+        str, typer.Option(help="local | ray: embed in this process, or on a Ray cluster.")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: the cluster, auto or ray://HOST:PORT [a local Ray]."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
 ) -> None:
@@ -124,6 +134,17 @@ def index(
     with clean_errors():
         from vqret.retrieval.collection import Collection
 
+        if engine not in ("local", "ray"):
+            fail(f"unknown engine {engine!r}: use local or ray")
+        if address is not None and engine != "ray":
+            fail("--address is for --engine ray")
+        if engine == "ray":
+            from vqret.retrieval.ray_engine import RayUnavailableError, require_ray
+
+            try:
+                require_ray()  # before loading any model: the install hint, in one line
+            except RayUnavailableError as e:
+                fail(str(e))
         if not folder.is_dir():
             fail(f"{folder}: not a folder")
         collection = Collection.create(
@@ -146,7 +167,26 @@ def index(
             "index_kind": index_type,
             "index_memory": parse_bytes(index_memory) if index_memory else None,
         }
-        report = _run_index(collection, folder, options, show_progress, quiet)
+        if engine == "ray":
+            from vqret.retrieval.ray_engine import RayEmbedder, ray_update_after_write
+
+            # Same store, same Indexer; only the images go through the model on Ray. The
+            # local model already loaded embeds sidecar captions (few, cheap).
+            ray_embedder = RayEmbedder(
+                collection.store.spec,
+                address=address,
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+                text_embedder=collection.embedder,
+            )
+            collection = Collection(collection.store, ray_embedder)
+            options["index_updater"] = ray_update_after_write
+        try:
+            report = _run_index(collection, folder, options, show_progress, quiet)
+        finally:
+            if engine == "ray":
+                ray_embedder.close()
     if as_json:
         print(json.dumps(report.to_dict()))
     elif not quiet:

@@ -105,6 +105,8 @@ class Indexer:
         on_failure: Callable[[Failure], None] | None = None,
         index_kind: str | None = None,
         index_memory: int | None = None,
+        index_updater: Callable[..., Any] = update_after_write,
+        source: Any | None = None,
     ):
         self.store = store
         self.embedder = embedder
@@ -115,6 +117,12 @@ class Indexer:
         self.on_failure = on_failure
         self.index_kind = index_kind
         self.index_memory = index_memory
+        # Brings the images' search index up to date after the run: update_after_write, or
+        # the Ray engine's ray_update_after_write, which builds big IVF indexes in parallel.
+        self.index_updater = index_updater
+        # Where files are listed, hashed and read when not in the local folder: an object with
+        # walk(on_error), hash(relpath) and path(relpath), e.g. ray_engine.FsspecSource.
+        self.source = source
         self.report = IndexReport()
         self._planned: dict[int, str] = {}  # row id -> "added" | "updated", for the counts
 
@@ -134,13 +142,13 @@ class Indexer:
         old = self.store.read_table(["id", "path", "size", "mtime_ns", "hash"]).to_pylist()
         by_path = {r["path"]: r for r in old}
 
-        entries = list(
-            walk_images(
-                self.folder,
-                exclude=[self.store.path],
-                on_error=lambda rel, cause: self._fail(rel, cause),
-            )
-        )
+        def on_error(rel: str, cause: str) -> None:
+            self._fail(rel, cause)
+
+        if self.source is not None:
+            entries = list(self.source.walk(on_error=on_error))
+        else:
+            entries = list(walk_images(self.folder, exclude=[self.store.path], on_error=on_error))
         present = {e.relpath for e in entries}
         candidates = []
         for e in entries:
@@ -220,7 +228,7 @@ class Indexer:
         self._sync_sidecars(writer)
         # Failing files are retried every run, so this run's failures are the whole list.
         writer.commit(failures=self.report.failed)
-        self.report.index = update_after_write(
+        self.report.index = self.index_updater(
             writer, IMAGES, kind=self.index_kind, memory=self.index_memory
         ).to_dict()
         if self.store.count(TEXTS) or writer.changed_ids(TEXTS):
@@ -230,6 +238,8 @@ class Indexer:
 
     def _sync_sidecars(self, writer: StoreWriter) -> None:
         """Captions in photo.txt / photo.json beside the images become text rows."""
+        if self.source is not None:
+            return  # sidecar files are read from the local folder: not from a remote source yet
         images = self.store.read_table(["id", "path"])
         by_path = dict(zip(images.column("path").to_pylist(), images.column("id").to_pylist(),
                            strict=True))
@@ -242,6 +252,8 @@ class Indexer:
     def _hash_all(self, entries: list[FileEntry]) -> dict[str, str]:
         def one(e: FileEntry) -> tuple[str, str | None, str | None]:
             try:
+                if self.source is not None:
+                    return e.relpath, self.source.hash(e.relpath), None
                 return e.relpath, file_hash(self.folder / e.relpath), None
             except OSError as err:
                 return e.relpath, None, _os_cause(err)
@@ -295,7 +307,10 @@ class Indexer:
         dups: dict[int, list[tuple[FileEntry, int]]] = {}
         for first, e, row_id in dup_of_new:
             dups.setdefault(first.row_id, []).append((e, row_id))
-        paths = [str(self.folder / p.entry.relpath) for p in pending]
+        paths = [
+            self.source.path(p.entry.relpath) if self.source else str(self.folder / p.entry.relpath)
+            for p in pending
+        ]
         buffer: list[tuple[_Pending, np.ndarray, tuple[int, int]]] = []
         failed_ids: set[int] = set()
         last_commit = time.monotonic()

@@ -43,7 +43,7 @@ from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles
 from .images import IMAGE_EXTENSIONS
 from .index import index_files, load_saved, read_meta, save_index, update_index
 from .indexer import Indexer, IndexReport
-from .store import IMAGES, Store, embeddings_from_arrow, write_atomic
+from .store import IMAGES, Store, StoreWriter, embeddings_from_arrow, write_atomic
 from .walk import SKIPPED_DIRS, FileEntry
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,14 @@ class FsspecSource:
     def hash(self, relpath: str, chunk: int = 1 << 20) -> str:
         """blake2b-128 of the content, streamed: the same digest `file_hash` gives locally."""
         digest = hashlib.blake2b(digest_size=16)
-        with self.fs.open(f"{self.root}/{relpath}", "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
+        try:
+            with self.fs.open(f"{self.root}/{relpath}", "rb") as f:
+                while block := f.read(chunk):
+                    digest.update(block)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the Indexer reports OSErrors per file
+            raise OSError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
         return digest.hexdigest()
 
     def path(self, relpath: str) -> str:
@@ -166,24 +171,30 @@ def _version_ns(info: dict[str, Any]) -> int:
     Object stores name it differently (s3fs LastModified, gcsfs updated, adlfs last_modified,
     local mtime). Where a listing has none, a digest of its ETag / checksum stands in: the
     Indexer only asks "same size and same stamp?", and a changed object changes its ETag.
+    With neither, the time of this run: never "unchanged" by stamp, so the content hash
+    decides (every file is read each run, but a change is never missed).
     """
     from datetime import datetime
 
-    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
-        value = info.get(key)
-        if value is None:
-            continue
+    def as_ns(value: Any) -> int | None:
         if isinstance(value, int | float):
             return int(value * 1e9)
         if isinstance(value, str):
             value = datetime.fromisoformat(value.replace("Z", "+00:00"))
         if isinstance(value, datetime):
             return int(value.timestamp() * 1e9)
+        return None
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        if info.get(key) is not None and (ns := as_ns(info[key])) is not None:
+            return ns
     for key in ("ETag", "etag", "md5Hash", "crc32c", "content_md5"):
         if info.get(key):
             digest = hashlib.blake2b(str(info[key]).encode(), digest_size=8).digest()
             return int.from_bytes(digest, "big") >> 1  # int64, like a real mtime_ns
-    return 0
+    if info.get("created") is not None and (ns := as_ns(info["created"])) is not None:
+        return ns  # an object store's overwrite is a new object, with a new creation time
+    return time.time_ns()
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +244,7 @@ class _EmbedWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        started = time.perf_counter()
         paths = [str(p) for p in batch["path"]]
         decoded = list(self.pool.map(self._decode, paths) if self.pool else map(
             self._decode, paths))
@@ -248,6 +260,9 @@ class _EmbedWorker:
             "width": np.asarray([d[1][0] for d in decoded], np.int32),
             "height": np.asarray([d[1][1] for d in decoded], np.int32),
             "error": np.asarray([d[2] or "" for d in decoded], dtype=object),
+            # The actor's busy time, spread over the rows: images/s per worker without the
+            # start-up and queueing that the driver's clock also sees.
+            "seconds": np.full(len(paths), (time.perf_counter() - started) / len(paths)),
         }
 
 
@@ -276,6 +291,9 @@ class RayEmbedder:
             raise ValueError("batch size must be >= 1")
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
+        if precision not in ("fp32", "bf16", "fp16", "auto"):
+            # checked here, not only in the actors: a typo fails before the cluster starts
+            raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
         self.spec = spec
         self.embed_dim = spec.embed_dim
         self.address = address
@@ -287,7 +305,8 @@ class RayEmbedder:
         self.cpus_per_worker = cpus_per_worker
         self._text_embedder = text_embedder
         self.started_ray = False
-        self.last_run: dict[str, Any] = {}  # actors, resources: what the last run used
+        # What the last run used (actors, CPUs/GPUs each) and the actors' summed busy time.
+        self.last_run: dict[str, Any] = {}
 
     # ---- texts (sidecar captions): few and cheap, so on the driver -------------------------
     @property
@@ -357,6 +376,7 @@ class RayEmbedder:
 
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the caller shows its own progress
+        _quiet_ray_data_console()
         plan = self._plan(len(paths))
         self.last_run = dict(plan, images=len(paths))
         # Blocks of whole batches, a few per actor, so that work spreads evenly.
@@ -379,7 +399,9 @@ class RayEmbedder:
             num_gpus=plan["num_gpus"],
             num_cpus=plan["num_cpus"],
         )
+        self.last_run["worker_seconds"] = 0.0
         for out in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            self.last_run["worker_seconds"] += float(np.sum(out["seconds"]))
             yield _to_image_batch(out, self.embed_dim)
 
     def close(self) -> None:
@@ -387,6 +409,22 @@ class RayEmbedder:
         if self.started_ray:
             require_ray().shutdown()
             self.started_ray = False
+
+
+class _NoRunChatter(logging.Filter):
+    """Drops Ray Data's per-run INFO lines (plan, start, finish) and its note that progress
+    bars are off: on stderr they would interleave with vqret's progress and summary. Its
+    session log file (/tmp/ray/session_*/logs/ray-data) keeps everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO and "Progress bars disabled" not in str(record.msg)
+
+
+def _quiet_ray_data_console() -> None:
+    for handler in logging.getLogger("ray.data").handlers:
+        console = isinstance(handler, logging.StreamHandler)
+        if console and not any(isinstance(f, _NoRunChatter) for f in handler.filters):
+            handler.addFilter(_NoRunChatter())
 
 
 def _to_image_batch(out: dict[str, np.ndarray], dim: int) -> ImageBatch:
@@ -414,30 +452,40 @@ def index_folder_with_ray(
     num_workers: int | None = None,
     batch_size: int = 64,
     device: str = "auto",
+    precision: str = "fp32",
     text_embedder: Embedder | None = None,
     **indexer_kwargs: Any,
 ) -> IndexReport:
     """`index_folder`, with the images embedded on Ray (local Ray when `address` is None).
 
-    Everything but the model step is the local engine's `Indexer`. Ray is shut down at the
-    end only if this call started it.
+    Everything but the model step is the local engine's `Indexer`; `indexer_kwargs` are its
+    options (commit_every, on_progress, on_failure, index_kind, ...). `folder` may be an
+    fsspec URL where the Indexer has its `source` hook. Ray is shut down at the end only if
+    this call started it.
     """
+    require_ray()
     embedder = RayEmbedder(
         spec,
         address=address,
         num_workers=num_workers,
         batch_size=batch_size,
         device=device,
+        precision=precision,
         text_embedder=text_embedder,
     )
-    require_ray()
-    # The index hook, once indexer.py has it: big collections then build their IVF index
-    # in parallel tasks too (see ray_update_index); until then update_index runs in-process.
-    if "index_updater" in inspect.signature(Indexer.__init__).parameters:
-        indexer_kwargs.setdefault("index_updater", ray_update_index)
+    hooks = inspect.signature(Indexer.__init__).parameters
+    # The Indexer's hooks, where indexer.py has them (README, "Scaling out with Ray"): big
+    # collections then build their IVF index in parallel tasks too, and URLs are listed and
+    # hashed through fsspec. Without them the index is built in-process and URLs refused.
+    if "index_updater" in hooks:
+        indexer_kwargs.setdefault("index_updater", ray_update_after_write)
+    if is_url(folder):
+        if "source" not in hooks:
+            raise ValueError(f"{folder}: indexing a URL needs the Indexer's `source` hook")
+        indexer_kwargs.setdefault("source", FsspecSource(str(folder)))
     try:
         with store.writer(wait) as writer:
-            return Indexer(store, embedder, Path(folder), **indexer_kwargs).run(writer)
+            return Indexer(store, embedder, Path(str(folder)), **indexer_kwargs).run(writer)
     finally:
         embedder.close()
 
@@ -466,18 +514,23 @@ def _iter_part_vectors(
             yield ids, np.ascontiguousarray(embeddings_from_arrow(batch.column("embedding"), dim))
 
 
-def _sample_rows(paths: list[str], dim: int, take: int, seed: int) -> np.ndarray:
-    """`take` random vectors of these parts (fewer if they hold fewer)."""
+def _sample_rows(
+    paths: list[str], dim: int, take: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of `take` random rows of these parts (fewer if they hold fewer)."""
     rng = np.random.default_rng(seed)
     total = sum(_part_rows(Path(p)) for p in paths)
     take = min(take, total)
     chosen = np.sort(rng.choice(total, take, replace=False)) if take else np.zeros(0, np.int64)
-    out, offset = [], 0
-    for _, vectors in _iter_part_vectors(paths, dim):
+    out_ids, out, offset = [], [], 0
+    for ids, vectors in _iter_part_vectors(paths, dim):
         here = chosen[(chosen >= offset) & (chosen < offset + len(vectors))] - offset
+        out_ids.append(ids[here])
         out.append(vectors[here])
         offset += len(vectors)
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+    if not out:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return np.concatenate(out_ids), np.concatenate(out)
 
 
 def _add_shard(
@@ -603,20 +656,25 @@ def build_sharded_index(
         for s, q in zip(shards, _proportional(want, rows), strict=True)
         if q
     ]
-    sample = np.concatenate(ray.get(refs)) if refs else np.zeros((0, dim), np.float32)
-    pick = rng.choice(len(sample), min(n_queries, len(sample)), replace=False)
-    queries = np.ascontiguousarray(sample[np.sort(pick)], np.float32)
+    drawn = ray.get(refs)
+    sample_ids = np.concatenate([d[0] for d in drawn])
+    sample = np.concatenate([d[1] for d in drawn])
+    pick = np.sort(rng.choice(len(sample), min(n_queries, len(sample)), replace=False))
+    queries = np.ascontiguousarray(sample[pick], np.float32)
+    query_ids = sample_ids[pick]
 
     if trained is None:
-        trained = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-        faiss.extract_index_ivf(trained).cp.niter = 10  # as ann.build_index: nprobe recovers
-        trained.train(sample)
+        # ann.build_index with no ids only trains: the same factory settings (k-means and OPQ
+        # iterations, training-set size) as the in-process build, by construction.
+        trained = ann.build_index(plan, np.zeros(0, np.int64), sample)
         plan.trained_n = n
-    del sample
+    del sample, drawn
     trained_ref = ray.put(faiss.serialize_index(trained))
-    k = min(10, n)
+    queries_ref = ray.put(queries)
+    # The queries are members of the collection: k+1 neighbours, then each drops itself.
+    k = min(10, n - 1) + 1
     add_task = ray.remote(num_cpus=1)(_add_shard)
-    pending = [add_task.remote(trained_ref, s, dim, queries, k) for s in shards]
+    pending = [add_task.remote(trained_ref, s, dim, queries_ref, k) for s in shards]
     merged = None
     truth_scores = np.full((len(queries), k), -np.inf, np.float32)
     truth_ids = np.full((len(queries), k), -1, np.int64)
@@ -633,8 +691,10 @@ def build_sharded_index(
             truth_scores, truth_ids, result["scores"], result["ids"], k
         )
         del shard, result
-    assert merged is not None and merged.ntotal == n, "a shard went missing while merging"
-    tune_with_truth(merged, plan, queries, truth_ids, target)
+    if merged is None or merged.ntotal != n:
+        raise RuntimeError(f"sharded build: {0 if merged is None else merged.ntotal} of {n} "
+                           "vectors after merging; the store changed underneath?")
+    tune_with_truth(merged, plan, queries, query_ids, truth_ids, target)
     save_index(store, merged, table, plan)
     # What update_index records too: the type asked for, kept by later runs without --index.
     meta = read_meta(store, table) or {}
@@ -677,21 +737,34 @@ def _reusable_trained(
     return index, previous
 
 
+def _without_self(neighbours: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row's first k neighbours other than the query itself (leave-one-out)."""
+    return np.stack([row[row != me][:k] for row, me in zip(neighbours, own, strict=True)])
+
+
 def tune_with_truth(
-    index: Any, plan: ann.IndexPlan, queries: np.ndarray, truth: np.ndarray, target: float
+    index: Any,
+    plan: ann.IndexPlan,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    truth: np.ndarray,
+    target: float,
 ) -> ann.IndexPlan:
-    """`ann.tune`, with the exact top-k given (computed shard by shard) instead of computed
-    here from all vectors."""
+    """`ann.tune`, with the exact top-(k+1) given (computed shard by shard) instead of
+    computed here from all vectors. The queries are collection members held out of their own
+    results, so the recall is what a query from outside the collection gets."""
     if not len(queries):
         plan.params, plan.recall_at_10 = {}, None
         return plan
-    k = truth.shape[1]
+    k = truth.shape[1] - 1
+    truth = _without_self(truth, query_ids, k)
     values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v <= plan.nlist]
     values = values or [plan.nlist]
     recall = 0.0
     for value in values:
         ann.set_search_params(index, {"nprobe": value})
-        recall = ann.recall_vs_exact(index.search(queries, k)[1], truth)
+        found = _without_self(index.search(queries, k + 1)[1], query_ids, k)
+        recall = ann.recall_vs_exact(found, truth)
         if recall >= target:
             break
     plan.params = {"nprobe": value}
@@ -741,6 +814,28 @@ def ray_update_index(
     )
 
 
+def ray_update_after_write(
+    writer: StoreWriter,
+    table: str = IMAGES,
+    *,
+    kind: str | None = None,
+    memory: int | None = None,
+    **options: Any,
+) -> ann.IndexPlan:
+    """`index.update_after_write`, built on Ray when the table is big: the Indexer's
+    `index_updater` for the Ray engine. `options`: ray_update_index's (sharded_above, ...)."""
+    return ray_update_index(
+        writer.store,
+        table,
+        kind=kind,
+        memory=memory,
+        start_generation=writer.start_generation[table],
+        changed_ids=writer.changed_ids(table),
+        removed=bool(writer.removed[table]),
+        **options,
+    )
+
+
 __all__ = [
     "INSTALL_HINT",
     "FsspecSource",
@@ -750,6 +845,7 @@ __all__ = [
     "connect",
     "index_folder_with_ray",
     "merge_into",
+    "ray_update_after_write",
     "ray_update_index",
     "require_ray",
 ]

@@ -1,0 +1,344 @@
+"""The Ray engine against the local one, on a local Ray with 2 CPUs.
+
+Ray is an optional extra (`pip install 'vqret[ray]'`), hence the importorskip; the test extra
+installs it, so CI runs these. One Ray per module: starting it costs seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import run_cli, run_json
+from fixtures.shapes import draw_shape, make_shape_folder
+
+ray = pytest.importorskip("ray")
+
+from vqret.retrieval import ray_engine  # noqa: E402
+from vqret.retrieval.collection import Collection  # noqa: E402
+from vqret.retrieval.embedder import ModelSpec  # noqa: E402
+from vqret.retrieval.index import load_saved  # noqa: E402
+from vqret.retrieval.indexer import file_hash, index_folder  # noqa: E402
+from vqret.retrieval.store import Store, embeddings_to_arrow, now_utc  # noqa: E402
+from vqret.retrieval.walk import walk_images  # noqa: E402
+
+REPORT_KEYS = ("added", "updated", "removed", "renamed", "unchanged", "embedded", "failed")
+
+
+def _cli_has_engine() -> bool:
+    from vqret.cli.main import index
+
+    return "engine" in inspect.signature(index).parameters
+
+
+# The command-line tests wait for `vqret index --engine ray` (cli/main.py) to exist.
+needs_cli_engine = pytest.mark.skipif(not _cli_has_engine(), reason="no `vqret index --engine`")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """40 drawn images, a file that isn't an image and an empty one."""
+    images = tmp_path / "images"
+    make_shape_folder(images, 40, seed=77)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all" * 10)
+    (images / "empty.png").write_bytes(b"")
+    return images
+
+
+def _stores(tmp_path: Path, embedder, folder: Path) -> tuple[Store, Store]:
+    # Outside the folder, so neither engine's walk sees the other's store.
+    return (
+        Store.create(tmp_path / "local.vqret", embedder.spec, folder),
+        Store.create(tmp_path / "ray.vqret", embedder.spec, folder),
+    )
+
+
+def _run_both(local: Store, remote: Store, embedder, folder: Path) -> tuple[dict, dict]:
+    a = index_folder(local, embedder, folder).to_dict()
+    b = ray_engine.index_folder_with_ray(remote, remote.spec, folder, batch_size=16,
+                                         text_embedder=embedder).to_dict()
+    return {k: a[k] for k in REPORT_KEYS}, {k: b[k] for k in REPORT_KEYS}
+
+
+def _assert_same_rows(local: Store, remote: Store) -> None:
+    a = local.read_table().sort_by("id")
+    b = remote.read_table().sort_by("id")
+    for column in ("id", "path", "size", "mtime_ns", "hash", "width", "height"):
+        assert a.column(column).to_pylist() == b.column(column).to_pylist(), column
+    ea, eb = local.vectors()[1], remote.vectors()[1]
+    ia, ib = local.vectors()[0], remote.vectors()[0]
+    ea, eb = ea[np.argsort(ia)], eb[np.argsort(ib)]
+    cosine = np.sum(ea * eb, axis=1) / np.linalg.norm(ea, axis=1) / np.linalg.norm(eb, axis=1)
+    assert cosine.min() >= 0.999
+    assert [f.to_dict() for f in local.failures] == [f.to_dict() for f in remote.failures]
+
+
+def _assert_same_search(local: Store, remote: Store, embedder, folder: Path) -> None:
+    a, b = Collection(local, embedder), Collection(remote, embedder)
+    for query in ("a red circle", "a blue star", "a green square"):
+        ha, hb = a.search(text=query, k=10), b.search(text=query, k=10)
+        assert [h.id for h in ha] == [h.id for h in hb], query
+        assert np.allclose([h.score for h in ha], [h.score for h in hb], atol=1e-3)
+    probe = sorted(folder.glob("*_purple_*.png"))[0]
+    assert [h.id for h in a.search(image=probe, k=5)] == [h.id for h in b.search(image=probe,
+                                                                                  k=5)]
+
+
+def test_ray_engine_indexes_like_the_local_engine(local_ray, tmp_path, folder, embedder):
+    local, remote = _stores(tmp_path, embedder, folder)
+
+    # First run: everything is new; two files fail the same way in both.
+    a, b = _run_both(local, remote, embedder, folder)
+    assert a == b
+    assert a["added"] == 40 and a["embedded"] == 40
+    assert sorted(f["path"] for f in a["failed"]) == ["broken.jpg", "empty.png"]
+    _assert_same_rows(local, remote)
+    _assert_same_search(local, remote, embedder, folder)
+
+    # Second run after every kind of change: the same plan, ids and rows.
+    files = sorted(folder.glob("0*.png"))
+    files[0].unlink()
+    files[1].unlink()  # removed
+    files[2].rename(folder / "renamed.png")  # renamed: keeps its id and embedding
+    shutil.copy(files[3], folder / "copy.png")  # duplicate: embedding copied, new id
+    rng = np.random.default_rng(5)
+    draw_shape("orange", "star", rng).save(files[4])  # modified: re-embedded under its id
+    draw_shape("yellow", "circle", rng).save(folder / "broken.jpg", format="PNG")  # fixed
+    (folder / "truncated.png").write_bytes(files[5].read_bytes()[:80])  # a new failure
+    make_shape_folder(folder / "new", 5, seed=99)  # added
+    a, b = _run_both(local, remote, embedder, folder)
+    assert a == b
+    assert (a["removed"], a["renamed"], a["updated"]) == (2, 1, 1)
+    assert a["added"] == 1 + 1 + 5  # copy, fixed file, new folder
+    assert a["embedded"] == 1 + 1 + 5  # modified, fixed file, new folder (the copy isn't)
+    assert sorted(f["path"] for f in a["failed"]) == ["empty.png", "truncated.png"]
+    _assert_same_rows(local, remote)
+    _assert_same_search(local, remote, embedder, folder)
+
+    # Third run, nothing changed: nothing goes through the model (no Ray job at all).
+    a, b = _run_both(local, remote, embedder, folder)
+    assert a == b and a["embedded"] == 0 and a["unchanged"] == len(local)
+    _assert_same_rows(local, remote)
+
+
+def test_fsspec_urls_list_hash_and_embed_like_the_folder(folder, embedder):
+    source = ray_engine.FsspecSource(f"file://{folder}")
+    walked = list(walk_images(folder))
+    listed = list(source.walk())
+    assert [(e.relpath, e.size) for e in listed] == [(e.relpath, e.size) for e in walked]
+    assert source.hash(walked[0].relpath) == file_hash(folder / walked[0].relpath)
+
+    rels = ["broken.jpg"] + [e.relpath for e in walked if e.relpath.endswith(".png")][:7]
+    urls = [source.path(r) for r in rels]
+    assert urls[0] == f"file://{folder}/broken.jpg"
+    # The actor's code, run here: a Ray job would only add a worker start-up to this test.
+    plan = {"device": "cpu", "num_cpus": 1}
+    worker = ray_engine.RayEmbedder(embedder.spec, batch_size=16)._worker_class(plan)()
+    out = worker({"position": np.arange(len(urls)), "path": np.array(urls, dtype=object)})
+    got = ray_engine._to_image_batch(out, embedder.embed_dim)
+    [local] = list(embedder.iter_image_files([str(folder / r) for r in rels]))
+    assert got.indices == local.indices and got.sizes == local.sizes
+    assert got.failures == local.failures and [i for i, _ in got.failures] == [0]
+    assert np.sum(got.embeddings * local.embeddings, axis=1).min() >= 0.999
+
+
+def test_version_stamps_from_object_store_listings():
+    from datetime import datetime, timezone
+
+    stamp = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+    ns = int(stamp.timestamp() * 1e9)
+    assert ray_engine._version_ns({"LastModified": stamp}) == ns  # s3fs
+    assert ray_engine._version_ns({"updated": "2024-05-01T12:00:00Z"}) == ns  # gcsfs
+    assert ray_engine._version_ns({"mtime": 1714564800.0}) == ns  # local, sftp
+    a, b = ray_engine._version_ns({"ETag": '"abc"'}), ray_engine._version_ns({"ETag": '"abd"'})
+    assert a != b and 0 < a < 2**63  # no time: the ETag still shows a change
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded index building
+# --------------------------------------------------------------------------------------------
+
+
+def _vector_store(tmp_path: Path, n: int, dim: int = 32, part_rows: int = 500) -> Store:
+    """A store of `n` clustered unit vectors in parts of `part_rows` rows (no images)."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((40, dim))
+    vectors = centers[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    spec = ModelSpec("none", "none", "none", dim)
+    (tmp_path / "root").mkdir(parents=True, exist_ok=True)
+    store = Store.create(tmp_path / "vectors.vqret", spec, tmp_path / "root")
+    with store.writer() as writer:
+        for start in range(0, n, part_rows):
+            chunk = vectors[start : start + part_rows]
+            ids = writer.allocate_ids(len(chunk))
+            writer.commit(
+                pa.table(
+                    {
+                        "id": pa.array(ids, pa.int64()),
+                        "path": [f"{i}.png" for i in ids],
+                        "embedding": embeddings_to_arrow(chunk),
+                        "added_at": pa.array([now_utc()] * len(chunk), pa.timestamp("us", "UTC")),
+                    }
+                )
+            )
+    return store
+
+
+def _list_ids(index: faiss.Index) -> dict[int, set[int]]:
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    return {
+        i: set(faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).tolist())
+        for i in range(ivf.nlist)
+        if lists.list_size(i)
+    }
+
+
+def test_sharded_index_holds_what_one_process_would(local_ray, tmp_path):
+    store = _vector_store(tmp_path, 3000)
+    assert len(store.parts()) == 6
+    with store.writer():
+        plan = ray_engine.build_sharded_index(store, "ivf", rows_per_shard=1000)
+    assert plan.kind == "ivf" and plan.trained_n == 3000
+    saved = load_saved(store)  # saved for the current generation: readers use it as it is
+    assert saved is not None
+    index, meta = saved
+    assert index.ntotal == 3000 and meta["asked"] == "ivf"
+
+    # Every vector sits in the list its quantizer assigns it to, exactly once: what adding
+    # all of them in one process to the same trained index gives.
+    ids, vectors = store.vectors()
+    _, assigned = faiss.extract_index_ivf(index).quantizer.search(vectors, 1)
+    expected: dict[int, set[int]] = {}
+    for i, lst in zip(ids.tolist(), assigned[:, 0].tolist(), strict=True):
+        expected.setdefault(lst, set()).add(i)
+    assert _list_ids(index) == expected
+
+    # The recall it reports (against the shard-by-shard exact top-10) is real.
+    assert plan.recall_at_10 >= 0.95
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    queries = vectors[::15]
+    truth = ids[exact.search(queries, 10)[1]]
+    found = index.search(queries, 10)[1]
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]) >= 0.9
+    hits = Collection(store).search(embedding=vectors[7], k=3)
+    assert hits[0].id == ids[7]
+
+    # Grown by less than RETRAIN_GROWTH: rebuilt with the same quantizer, not retrained.
+    centroids = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, plan.nlist)
+    extra = _vector_store(tmp_path / "more", 400, part_rows=400).vectors()[1]
+    with store.writer() as writer:
+        new_ids = writer.allocate_ids(len(extra))
+        writer.commit(pa.table({
+            "id": pa.array(new_ids, pa.int64()),
+            "path": [f"{i}.png" for i in new_ids],
+            "embedding": embeddings_to_arrow(extra),
+            "added_at": pa.array([now_utc()] * len(extra), pa.timestamp("us", "UTC")),
+        }))
+        again = ray_engine.ray_update_index(store, sharded_above=0, rows_per_shard=1000)
+    assert again.trained_n == 3000 and again.factory == plan.factory
+    index2 = load_saved(store)[0]
+    assert index2.ntotal == 3400
+    same = faiss.extract_index_ivf(index2).quantizer.reconstruct_n(0, plan.nlist)
+    assert np.array_equal(centroids, same)
+
+
+def test_topk_merge_equals_exact_search():
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((900, 16)).astype(np.float32)
+    ids = np.arange(900, dtype=np.int64) * 3 + 1
+    queries = vectors[:20]
+    scores = np.full((20, 10), -np.inf, np.float32)
+    found = np.full((20, 10), -1, np.int64)
+    for part in np.array_split(np.arange(900), 4):
+        s, p = faiss.knn(queries, vectors[part], 10, metric=faiss.METRIC_INNER_PRODUCT)
+        scores, found = ray_engine._merge_topk(scores, found, s, ids[part][p], 10)
+    exact = faiss.IndexFlatIP(16)
+    exact.add(vectors)
+    assert np.array_equal(found, ids[exact.search(queries, 10)[1]])
+
+
+@pytest.mark.parametrize("factory", ["IVF16,SQfp16", "PCA16,IVF8,Flat"])
+def test_merging_shards_equals_adding_in_one_index(factory):
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((2000, 32)).astype(np.float32)
+    ids = rng.permutation(10_000)[:2000].astype(np.int64)
+    trained = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    trained.train(vectors)
+    blob = faiss.serialize_index(trained)
+    whole = faiss.deserialize_index(blob)
+    whole.add_with_ids(vectors, ids)
+    shards = []
+    for part in np.array_split(np.arange(2000), 3):
+        shard = faiss.deserialize_index(blob)
+        shard.add_with_ids(vectors[part], ids[part])
+        shards.append(shard)
+    merged = shards[0]
+    for shard in shards[1:]:
+        ray_engine.merge_into(merged, shard)
+    assert merged.ntotal == 2000
+    for index in (whole, merged):
+        faiss.extract_index_ivf(index).nprobe = 4
+    assert np.array_equal(whole.search(vectors[:50], 10)[1], merged.search(vectors[:50], 10)[1])
+
+
+def test_without_ray_the_message_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ray_engine.RayUnavailableError) as caught:
+        ray_engine.require_ray()
+    message = str(caught.value)
+    assert "pip install 'vqret[ray]'" in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+
+@needs_cli_engine
+def test_cli_engine_ray_on_a_running_cluster(local_ray, tmp_path, folder, tiny_clip, embedder):
+    # --address: this module's Ray, so the command joins a cluster instead of starting one.
+    address = ray.get_runtime_context().gcs_address
+    store = tmp_path / "cli.vqret"
+    report = run_json("index", str(folder), "--store", str(store), "--model", tiny_clip[0],
+                      "--pretrained", tiny_clip[1], "--device", "cpu", "--engine", "ray",
+                      "--address", address, "-b", "16")
+    assert (report["added"], report["embedded"]) == (40, 40)
+    assert sorted(f["path"] for f in report["failed"]) == ["broken.jpg", "empty.png"]
+    local = Store.create(tmp_path / "local.vqret", embedder.spec, folder)
+    index_folder(local, embedder, folder)
+    _assert_same_rows(local, Store(store))
+
+
+@needs_cli_engine
+def test_cli_without_ray_says_how_to_install_it(tmp_path, folder):
+    fake = tmp_path / "no-ray" / "ray"  # first on the path: `import ray` fails as if absent
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    path = os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))
+    proc = run_cli("index", str(folder), "--engine", "ray", check=False,
+                   env={"PYTHONPATH": path})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: --engine ray needs Ray with Ray Data: pip install 'vqret[ray]'"
+    ]
