@@ -100,7 +100,8 @@ def index(
     ] = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
     workers: Annotated[
-        int | None, typer.Option(help="Decode worker processes (default: 1 per 8 CPU cores; up to 8 with CUDA).")
+        int | None,
+        typer.Option(help="Decode processes (default: 1 per 8 CPU cores; up to 8 with CUDA)."),
     ] = None,
     rebuild: Annotated[bool, typer.Option(help="Discard the store and start over.")] = False,
     wait: Annotated[
