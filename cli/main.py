@@ -410,6 +410,10 @@ from vqret.cli.tokenizer import register as _register_tokenizer  # noqa: E402
 
 _register_tokenizer(app, bench_app)
 
+from vqret.cli.bench_ann import register as _register_bench_ann  # noqa: E402
+
+_register_bench_ann(bench_app)
+
 
 @bench_app.command("recall")
 def bench_recall(

@@ -1,0 +1,245 @@
+"""ANN index choice, recall tuning, in-place updates, recall@k and sizes (vqret.retrieval.ann);
+the ANN benchmark's pieces on small data (vqret.benchmarks.ann). CPU, a few seconds."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import faiss
+import numpy as np
+import pytest
+from vqret.benchmarks.ann import (
+    BudgetExceeded,
+    Mixture,
+    build_within,
+    exact_collection,
+    run_ann_benchmark,
+    serialized_bytes,
+)
+from vqret.retrieval import ann
+
+DIM = 64
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def clustered() -> tuple[np.ndarray, np.ndarray]:
+    """(4000 collection vectors, 200 fresh queries) from a 64-component CLIP-like mixture."""
+    mixture = Mixture.make(DIM, components=64, groups=8, seed=3)
+    return (mixture.draw(4000, np.random.default_rng(1)),
+            mixture.draw(200, np.random.default_rng(2)))
+
+
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# plan_index
+# --------------------------------------------------------------------------------------------
+
+
+def test_auto_is_exact_while_small():
+    plan = ann.plan_index(19_999, 512, "auto", memory=1 << 40)
+    assert (plan.kind, plan.factory) == ("flat", "IDMap2,Flat")
+
+
+def test_auto_follows_the_memory_budget():
+    n, dim = 1_000_000, 512
+    # fp16 vectors (2 bytes a dimension + id) fit: IVF with SQfp16, ~1 KB a vector
+    roomy = ann.plan_index(n, dim, "auto", memory=n * (2 * dim + 16))
+    assert (roomy.kind, roomy.factory) == ("ivf", "IVF4096,SQfp16")
+    assert roomy.bytes_per_vector <= 1.2 * 1024
+    # one byte short of that: 8-bit scalar quantization
+    tight = ann.plan_index(n, dim, "auto", memory=n * (2 * dim + 16) - 1)
+    assert (tight.kind, tight.factory) == ("ivf", "IVF4096,SQ8")
+    # less than a byte a dimension: only product quantization fits (64 bytes at d = 512)
+    tiny = ann.plan_index(n, dim, "auto", memory=n * (dim + 16) - 1)
+    assert (tiny.kind, tiny.factory) == ("ivfpq", "OPQ64,IVF4096,PQ64x8np")
+    assert roomy.bytes_per_vector > tight.bytes_per_vector > tiny.bytes_per_vector == 72
+
+
+def test_nlist_is_about_four_sqrt_n_with_enough_training_points():
+    for n in (20_000, 100_000, 1_000_000, 100_000_000):
+        nlist = ann.plan_index(n, 512, "ivf").nlist
+        assert nlist & (nlist - 1) == 0  # a power of two
+        assert 4 * n**0.5 / 2 <= nlist <= 4 * n**0.5 * 2
+        assert n // nlist >= 39  # faiss warns below 39 training points per list
+    assert ann.plan_index(1000, 512, "ivf").nlist == 1000 // 39 == 25
+
+
+def test_asked_types_and_their_fallbacks():
+    assert ann.plan_index(50_000, 512, "hnsw").factory == "IDMap2,HNSW32"
+    assert ann.plan_index(50_000, 512, "flat").kind == "flat"
+    assert ann.plan_index(50_000, 512, "ivf").factory.endswith(",SQfp16")
+    assert ann.plan_index(100, 512, "ivf").kind == "flat"  # too few vectors to train
+    assert ann.plan_index(5_000, 512, "ivfpq").factory.endswith("x4np")  # too few for 8-bit
+    with pytest.raises(ValueError, match="unknown index type"):
+        ann.plan_index(10, 512, "lsh")
+
+
+def test_small_dimensions_plan_every_type():
+    for dim in (1, 3, 8, 12, 32):
+        for kind in ann.KINDS:
+            assert ann.plan_index(20_000, dim, kind, memory=1).factory
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning to a recall target
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_tuned_index_reaches_the_recall_target(clustered, kind):
+    vectors, queries = clustered
+    plan = ann.plan_index(len(vectors), DIM, kind)
+    index = ann.build_index(plan, np.arange(len(vectors)), vectors)
+    ann.tune(index, plan, vectors, target=0.95)
+    assert plan.recall_at_10 >= 0.95
+    assert set(plan.params) == {"nprobe" if kind == "ivf" else "efSearch"}
+    # the tuning queries were the collection's own vectors, held out; fresh queries from the
+    # same distribution get about the same recall (200 queries: allow sampling noise)
+    found = index.search(queries, 10)[1]
+    assert ann.recall_vs_exact(found, exact_neighbours(vectors, queries)) >= 0.92
+
+
+def test_tuning_holds_the_query_out_of_its_own_results(clustered):
+    vectors, _ = clustered
+    plan = ann.plan_index(len(vectors), DIM, "ivf")
+    index = ann.build_index(plan, np.arange(len(vectors)), vectors)
+    ann.tune(index, plan, vectors, target=1.01)  # unreachable: stops once recall stops rising
+    assert plan.recall_at_10 >= 0.99  # fp16 vectors: probing enough lists is exact search
+    assert faiss.extract_index_ivf(index).nprobe == plan.params["nprobe"] <= plan.nlist
+    # at nprobe=1 every query finds itself; held out, recall must be what the others give
+    ann.set_search_params(index, {"nprobe": 1})
+    queries = vectors[:200]
+    found = index.search(queries, 11)[1]
+    assert (found[:, 0] == np.arange(200)).all()
+    honest = ann.recall_vs_exact(found[:, 1:], exact_neighbours(vectors, queries, 11)[:, 1:])
+    with_self = ann.recall_vs_exact(found[:, :10], exact_neighbours(vectors, queries))
+    assert with_self > honest  # what the old tuning measured, too optimistic
+
+
+# --------------------------------------------------------------------------------------------
+# In-place updates
+# --------------------------------------------------------------------------------------------
+
+
+def test_ivf_updated_in_place_equals_rebuilt(clustered):
+    vectors, queries = clustered
+    rng = np.random.default_rng(7)
+    plan = ann.plan_index(len(vectors), DIM, "ivf")
+    ids = np.arange(len(vectors), dtype=np.int64) * 3 + 5  # ids are not positions
+    trained = ann.build_index(plan, ids[:0], vectors)  # trained, empty
+
+    updated = faiss.clone_index(trained)
+    updated.add_with_ids(vectors[:3000], ids[:3000])
+    # a run removes 300 rows, replaces 200 (same id, new vector) and adds the last 1000
+    removed = rng.choice(ids[:3000], 300, replace=False)
+    replaced = np.setdiff1d(ids[:3000], removed)[:200]
+    new_vectors = vectors[rng.permutation(len(vectors))[:200]] * np.float32(0.999)
+    updated.remove_ids(faiss.IDSelectorBatch(np.concatenate([removed, replaced])))
+    updated.add_with_ids(new_vectors, replaced)
+    updated.add_with_ids(vectors[3000:], ids[3000:])
+
+    final = {int(i): v for i, v in zip(ids, vectors, strict=True) if i not in set(removed)}
+    final.update({int(i): v for i, v in zip(replaced, new_vectors, strict=True)})
+    final_ids = np.fromiter(final, np.int64)
+    final_vectors = np.stack(list(final.values()))
+    rebuilt = faiss.clone_index(trained)
+    rebuilt.add_with_ids(final_vectors, final_ids)
+    assert updated.ntotal == rebuilt.ntotal == len(final)
+
+    for nprobe in (4, plan.nlist):
+        for index in (updated, rebuilt):
+            ann.set_search_params(index, {"nprobe": nprobe})
+        scores_u, found_u = updated.search(queries, 10)
+        scores_r, found_r = rebuilt.search(queries, 10)
+        assert [set(r) for r in found_u] == [set(r) for r in found_r]
+        np.testing.assert_allclose(scores_u, scores_r, rtol=1e-3, atol=1e-3)
+    # all lists probed = exact search over the final rows, up to fp16 rounding at the 10th
+    truth = final_ids[exact_neighbours(final_vectors, queries)]
+    assert ann.recall_vs_exact(found_u, truth) >= 0.995
+
+
+# --------------------------------------------------------------------------------------------
+# recall_vs_exact and parse_bytes
+# --------------------------------------------------------------------------------------------
+
+
+def test_recall_vs_exact_hand_cases():
+    truth = np.array([[1, 2, 3], [4, 5, 6]])
+    assert ann.recall_vs_exact(np.array([[3, 2, 1], [6, 5, 4]]), truth) == 1.0  # order is free
+    assert ann.recall_vs_exact(np.array([[1, 9, 8], [4, 5, 7]]), truth) == pytest.approx(0.5)
+    assert ann.recall_vs_exact(np.array([[1, -1, -1], [-1, -1, -1]]), truth) == pytest.approx(
+        1 / 6)  # -1: slots an index couldn't fill
+    # only the first k found count: an index asked for more doesn't get extra credit
+    assert ann.recall_vs_exact(np.array([[7, 8, 9, 1, 2, 3]]), truth[:1]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("4G", 4 << 30), ("512M", 512 * MIB), ("512m", 512 * MIB), ("1.5GB", int(1.5 * (1 << 30))),
+     ("4GiB", 4 << 30), ("2k", 2048), (" 1T ", 1 << 40), ("1000", 1000), (1000, 1000)],
+)
+def test_parse_bytes(text, expected):
+    assert ann.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "abc", "4X", "inf", "-1G", "0"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match="not a size"):
+        ann.parse_bytes(text)
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark's pieces
+# --------------------------------------------------------------------------------------------
+
+
+def test_mixture_looks_like_clip_embeddings():
+    mixture = Mixture.make(DIM, components=64, seed=0)
+    x = mixture.draw(3000, np.random.default_rng(0))
+    assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    random_pairs = float((x[:500] @ x[500:1000].T).mean())
+    nearest = faiss.knn(x[:200], x[200:], 1, metric=faiss.METRIC_INNER_PRODUCT)[0]
+    assert 0.2 < random_pairs < 0.7  # a shared direction, not isotropic noise (~0)
+    assert float(nearest.mean()) > random_pairs + 0.2  # real neighbourhoods
+
+
+def test_exact_collection_keeps_one_copy():
+    mixture = Mixture.make(16, components=8, seed=0)
+    exact, flat, view = exact_collection(mixture, 1000, seed=0, chunk=300)
+    assert exact.ntotal == 1000 and view.shape == (1000, 16) and not view.flags.owndata
+    view_again = faiss.rev_swig_ptr(flat.get_xb(), 1000 * 16).reshape(1000, 16)
+    assert np.shares_memory(view, view_again) or view.ctypes.data == view_again.ctypes.data
+    assert exact.search(view[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert serialized_bytes(exact) == len(faiss.serialize_index(exact))
+
+
+def test_build_within_gives_up_on_a_projection(clustered):
+    vectors, _ = clustered
+    plan = ann.plan_index(len(vectors), DIM, "hnsw")
+    # 1000 HNSW inserts take well over 5 ms / 4: the projection for 4000 exceeds the budget
+    with pytest.raises(BudgetExceeded, match=r"projected .* of 4,000 added"):
+        build_within(plan, vectors, budget_s=0.005, min_add_s=0.0)
+    index, train_s, add_s = build_within(plan, vectors, budget_s=600)
+    assert index.ntotal == len(vectors) and train_s >= 0 and add_s > 0
+
+
+def test_benchmark_runs_small(tmp_path):
+    # matplotlib is in the bench extra, not the test one: without it, everything but the plot
+    plot = tmp_path / "ann.png" if importlib.util.find_spec("matplotlib") else None
+    report = run_ann_benchmark([3000], dim=32, kinds=["auto", "flat", "ivf", "hnsw"],
+                               n_queries=50, components=32, plot=plot)
+    result = report["results"][0]
+    assert [r["kind"] for r in result["rows"]] == ["auto", "flat", "ivf", "hnsw"]
+    assert result["summary"]["auto_index"] == "IDMap2,Flat"  # 3000 vectors: exact
+    assert result["summary"]["auto_speedup"] == 1.0
+    assert result["summary"]["meets_target"] is None  # the target is stated at 1M
+    for row in result["rows"]:
+        assert row["status"] == "ok" and 0.0 <= row["recall_at_10"] <= 1.0
+        assert row["batch_qps"] > 0 and row["single_ms"] > 0 and row["bytes_per_vector"] > 0
+        assert row["sweep"]
+    if plot is not None:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
