@@ -276,9 +276,8 @@ def search(
     if query is not None and not query.strip():
         fail("empty query: give some text to search for")
     with clean_errors():
-        from vqret.retrieval.collection import Collection
-
         import faiss
+        from vqret.retrieval.collection import Collection
 
         # One query: faiss' OpenMP threads cost more in start-up and barriers than they save
         # (exact search over 1M vectors measured 92 ms on 1 thread, 358 ms on 2).
