@@ -235,6 +235,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+
+
 def default_workers(device: torch.device) -> int:
     """Decode processes: on a GPU, enough to feed it; on a CPU, torch's threads already fill
     every core and a worker that takes one stalls the whole parallel op, while decoding (with
@@ -352,8 +360,7 @@ class Embedder:
         if self.batch_size < 1:
             raise ValueError("batch size must be >= 1")
         self.num_workers = default_workers(self.device) if num_workers is None else num_workers
-        if precision not in ("fp32", "bf16", "fp16", "auto"):
-            raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+        check_precision(precision)
         self.precision = fast_precision(self.device) if precision == "auto" else precision
         self.draft_decode = draft_decode
 

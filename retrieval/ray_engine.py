@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from . import ann
-from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles
+from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
 from .images import IMAGE_EXTENSIONS
 from .index import index_files, load_saved, read_meta, save_index, update_index
 from .indexer import Indexer, IndexReport
@@ -291,9 +291,8 @@ class RayEmbedder:
             raise ValueError("batch size must be >= 1")
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
-        if precision not in ("fp32", "bf16", "fp16", "auto"):
-            # checked here, not only in the actors: a typo fails before the cluster starts
-            raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+        # checked here, not only in the actors: a typo fails before the cluster starts
+        check_precision(precision)
         self.spec = spec
         self.embed_dim = spec.embed_dim
         self.address = address
