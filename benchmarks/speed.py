@@ -48,6 +48,7 @@ def run_speed_benchmark(
     limit: int = 512,
     device: str = "cpu",
     workers: int | None = None,
+    precision: str = "auto",
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Measure vqret's indexing images/s, a plain open_clip loop's, and text query latency.
@@ -79,9 +80,24 @@ def run_speed_benchmark(
         f"{torch.get_num_threads()} torch threads{matmul_watch.note()}"
     )
 
-    say(f"loading {model} (pretrained={pretrained}) for vqret")
+    say(f"loading {model} (pretrained={pretrained}, precision={precision}) for vqret")
     embedder = Embedder(
-        model, pretrained, device=device, batch_size=batch_size, num_workers=workers
+        model,
+        pretrained,
+        device=device,
+        batch_size=batch_size,
+        num_workers=workers,
+        precision=precision,
+    )
+    # The roof is the matmul rate at the precision vqret runs: bf16 GEMMs on a CPU with
+    # AVX512-BF16 run at ~2.5x fp32's rate.
+    roof_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(embedder.precision)
+    roof_gflops = gflops if roof_dtype is None else matmul_gflops(device, dtype=roof_dtype)
+    image_gflop = model_gflop_per_image(embedder)
+    roof_rate = roof_gflops / image_gflop
+    say(
+        f"{embedder.precision} matmul {roof_gflops:.1f} GFLOP/s; the model costs "
+        f"{image_gflop:.2f} GFLOP/image: roof {roof_rate:.1f} images/s"
     )
     # iter_image_files caps the worker count so that each worker gets at least one batch;
     # report the count it actually runs with.
@@ -99,12 +115,13 @@ def run_speed_benchmark(
     # The baseline builds its own model from the registered name (a config file registers
     # under its stem). Free vqret's model first: two ViT copies would only add memory pressure.
     name, torch_device = embedder.name, embedder.device
+    embedder_precision = embedder.precision
     del embedder
     say("plain loop: loading model, warm-up batch, then timed pass")
     base = _time_plain_loop(name, torch_device, paths, batch_size)
     say(f"plain loop: {base}")
     ratio = vqret.rate / base.rate
-    say(f"ratio vqret / plain loop: {ratio:.2f}")
+    say(f"ratio vqret / plain loop: {ratio:.2f}; vqret at {vqret.rate / roof_rate:.0%} of the roof")
 
     return {
         "device": str(torch_device),
@@ -118,6 +135,11 @@ def run_speed_benchmark(
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "matmul_fp32_gflops": round(gflops, 1),
+        "precision": embedder_precision,
+        "matmul_roof_gflops": round(roof_gflops, 1),
+        "model_gflop_per_image": round(image_gflop, 3),
+        "roof_images_per_s": round(roof_rate, 2),
+        "share_of_roof": round(vqret.rate / roof_rate, 3),
         "vqret_images_per_s": round(vqret.rate, 2),
         "vqret_seconds": round(vqret.seconds, 3),
         "baseline_images_per_s": round(base.rate, 2),
@@ -140,14 +162,17 @@ def run_speed_benchmark(
 
 
 def matmul_gflops(
-    device: str = "cpu", size: int = MATMUL_SIZE, seconds: float = MATMUL_SECONDS
+    device: str = "cpu",
+    size: int = MATMUL_SIZE,
+    seconds: float = MATMUL_SECONDS,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Sustained fp32 torch.mm GFLOP/s on `device`: the compute roof for a roofline."""
+    """Sustained torch.mm GFLOP/s on `device` in `dtype`: the compute roof for a roofline."""
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dev)
-    b = torch.randn(size, size, generator=gen).to(dev)
-    out = torch.empty(size, size, device=dev)
+    a = torch.randn(size, size, generator=gen).to(dev, dtype)
+    b = torch.randn(size, size, generator=gen).to(dev, dtype)
+    out = torch.empty(size, size, device=dev, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up: first call picks kernels and faults pages in
     _sync(dev)
     calls = 0
@@ -160,6 +185,26 @@ def matmul_gflops(
         if elapsed >= seconds:
             break
     return 2 * size**3 * calls / elapsed / 1e9
+
+
+def model_gflop_per_image(embedder: Embedder) -> float:
+    """GFLOP of one `encode_image` call on one image, counted by torch's FlopCounterMode
+    (matmuls and convolutions: what the roof bounds; norms and softmax are left out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype = next(embedder.model.parameters()).dtype
+    pixels = torch.zeros(1, 3, embedder.image_size, embedder.image_size, dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    # nn.MultiheadAttention's inference fast path is one fused op the counter can't see
+    # into (it would miss the attention projections): count on the unfused path.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), counter:
+            embedder.model.encode_image(pixels.to(embedder.device))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter.get_total_flops() / 1e9
 
 
 @dataclass

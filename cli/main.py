@@ -383,9 +383,13 @@ def bench_speed(
     limit: Annotated[int, typer.Option(help="Use at most this many images.")] = 512,
     device: DeviceOpt = "cpu",
     workers: int | None = None,
+    precision: Annotated[
+        str, typer.Option(help="vqret's precision: auto | fp32 | bf16 | fp16 (the loop is fp32)")
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Indexing images/s next to a plain open_clip loop; text query latency."""
+    """Indexing images/s next to a plain open_clip loop, share of the matmul roof; text query
+    latency."""
     with clean_errors():
         from vqret.benchmarks.speed import run_speed_benchmark
 
@@ -397,6 +401,7 @@ def bench_speed(
             limit=limit,
             device=device,
             workers=workers,
+            precision=precision,
             log=None if as_json else err.print,
         )
     if as_json:
@@ -413,6 +418,10 @@ _register_serve(app)
 from vqret.cli.tokenizer import register as _register_tokenizer  # noqa: E402
 
 _register_tokenizer(app, bench_app)
+
+from vqret.cli.dupes import register as _register_dupes  # noqa: E402
+
+_register_dupes(app)
 
 from vqret.cli.bench_ann import register as _register_bench_ann  # noqa: E402
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from vqret.benchmarks.speed import run_speed_benchmark
 
@@ -66,3 +67,35 @@ def test_speed_benchmark_runs_on_tiny_model(tmp_path: Path) -> None:
     assert result["matmul_fp32_gflops"] > 0
     assert lines, "progress lines go through `log`"
     json.dumps(result)  # the CLI prints it as JSON
+
+
+def test_model_flops_match_a_hand_count_of_the_fixture_vit(tiny_clip) -> None:
+    from vqret.benchmarks.speed import model_gflop_per_image
+    from vqret.retrieval.embedder import Embedder
+
+    cfg = json.loads(Path(tiny_clip[0]).read_text())
+    v = cfg["vision_cfg"]
+    width, tokens = v["width"], (v["image_size"] // v["patch_size"]) ** 2 + 1  # + class token
+    per_layer = tokens * 12 * width**2 + 2 * tokens**2 * width  # qkv+out+4x MLP, QK^T and AV
+    patch_embed = (tokens - 1) * 3 * v["patch_size"] ** 2 * width
+    macs = v["layers"] * per_layer + patch_embed + width * cfg["embed_dim"]
+    embedder = Embedder(*tiny_clip, device="cpu", num_workers=0)
+    assert abs(model_gflop_per_image(embedder) - 2 * macs / 1e9) <= 0.02 * (2 * macs / 1e9)
+
+
+def test_bench_reports_the_roof_at_its_precision(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (48, 40), (60 * i, 20, 200)).save(folder / f"{i}.jpg")
+    result = run_speed_benchmark(
+        folder, model=_tiny_config(tmp_path), batch_size=4, limit=4, workers=0, precision="bf16"
+    )
+    assert result["precision"] == "bf16"
+    assert result["model_gflop_per_image"] > 0
+    assert result["roof_images_per_s"] == pytest.approx(
+        result["matmul_roof_gflops"] / result["model_gflop_per_image"], rel=0.01
+    )
+    assert result["share_of_roof"] == pytest.approx(
+        result["vqret_images_per_s"] / result["roof_images_per_s"], rel=0.01
+    )

@@ -112,3 +112,8 @@ def test_bf16_embeddings_stay_within_cosine_0999_and_keep_the_top10(tiny_clip, s
     assert float((ta @ tb.T)[0, 0]) >= 0.999
     top = lambda q, x: set(np.argsort(-(x @ q[0]))[:10].tolist())  # noqa: E731
     assert top(ta, a) == top(tb, b)
+
+
+def test_fp16_on_a_cpu_is_refused_with_the_alternative(tiny_clip):
+    with pytest.raises(ValueError, match="fp16 runs on CUDA only: use bf16"):
+        Embedder(*tiny_clip, device="cpu", num_workers=0, precision="fp16")
