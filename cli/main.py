@@ -96,8 +96,8 @@ def index(
     device: DeviceOpt = "auto",
     precision: Annotated[
         str,
-        typer.Option(help="fp32 | bf16 | fp16 | auto (bf16 on CPUs that have it, fp16 on CUDA)"),
-    ] = "fp32",
+        typer.Option(help="auto (bf16 on CPUs that have it, fp16 on CUDA) | fp32 | bf16 | fp16"),
+    ] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
     workers: Annotated[
         int | None,
