@@ -28,6 +28,7 @@ _EXPORTS = {
     "StoreError": "vqret.retrieval.store",
     "load_image": "vqret.retrieval.images",
     "ImageLoadError": "vqret.retrieval.images",
+    "Tokenizer": "vqret.tokenizer.api",
 }
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "SearchResult",
     "Store",
     "StoreError",
+    "Tokenizer",
     "WeightsUnavailableError",
     "__version__",
     "load_image",
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from vqret.retrieval.images import ImageLoadError, load_image
     from vqret.retrieval.indexer import IndexReport
     from vqret.retrieval.store import Store, StoreError
+    from vqret.tokenizer.api import Tokenizer
 
 
 def __getattr__(name: str) -> Any:

@@ -49,11 +49,14 @@ def run_speed_benchmark(
     device: str = "cpu",
     workers: int | None = None,
     precision: str = "auto",
+    upscale_megapixels: float | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Measure vqret's indexing images/s, a plain open_clip loop's, and text query latency.
 
-    Uses up to `limit` image files under `images` (walk order). Returns a flat JSON-able dict.
+    Uses up to `limit` image files under `images` (walk order); with `upscale_megapixels`,
+    JPEG copies of them enlarged to that many megapixels (camera-sized photos, made once
+    into a cache folder). Returns a flat JSON-able dict.
     """
 
     def say(message: str) -> None:
@@ -68,6 +71,9 @@ def run_speed_benchmark(
     paths = [str(root / e.relpath) for e in itertools.islice(walk_images(root), limit)]
     if not paths:
         raise ValueError(f"no image files under {root}")
+    if upscale_megapixels is not None:
+        say(f"upscaling {len(paths)} images to {upscale_megapixels:g} MP JPEGs (cached)")
+        paths = upscaled_copies(paths, root, upscale_megapixels)
     # Read every file once so that neither path pays for cold disk reads the other doesn't.
     nbytes = sum(len(Path(p).read_bytes()) for p in paths)
     say(f"{len(paths)} images ({nbytes / 1e6:.1f} MB) under {root}")
@@ -130,6 +136,7 @@ def run_speed_benchmark(
         "batch_size": batch_size,
         "workers": n_workers,
         "n_images": len(paths),
+        "upscaled_megapixels": upscale_megapixels,
         "image_megabytes": round(nbytes / 1e6, 2),
         "decode_failures": vqret.failures,
         "torch_threads": torch.get_num_threads(),
@@ -185,6 +192,35 @@ def matmul_gflops(
         if elapsed >= seconds:
             break
     return 2 * size**3 * calls / elapsed / 1e9
+
+
+UPSCALE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vqret" / "bench"
+
+
+def upscaled_copies(
+    paths: Sequence[str], root: Path, megapixels: float, cache: Path = UPSCALE_CACHE
+) -> list[str]:
+    """JPEG copies of `paths` enlarged (bicubic, aspect kept) to about `megapixels` each,
+    made once under `cache` and reused: the decode cost of camera photos, from any folder."""
+    from PIL import Image
+
+    if not 0 < megapixels <= 100:
+        raise ValueError(f"upscale must be in (0, 100] megapixels, got {megapixels}")
+    out_dir = cache / f"{root.resolve().name}-{megapixels:g}mp"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        target = out_dir / (Path(path).relative_to(root).as_posix().replace("/", "__") + ".jpg")
+        if not target.exists():
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                scale = (megapixels * 1e6 / (im.width * im.height)) ** 0.5
+                size = (round(im.width * scale), round(im.height * scale))
+                tmp = target.with_suffix(".tmp")
+                im.resize(size, Image.Resampling.BICUBIC).save(tmp, "JPEG", quality=90)
+                os.replace(tmp, target)  # a half-written file is never taken for a copy
+        out.append(str(target))
+    return out
 
 
 def model_gflop_per_image(embedder: Embedder) -> float:

@@ -386,6 +386,10 @@ def bench_speed(
     precision: Annotated[
         str, typer.Option(help="vqret's precision: auto | fp32 | bf16 | fp16 (the loop is fp32)")
     ] = "auto",
+    upscale: Annotated[
+        float | None,
+        typer.Option(help="Time JPEG copies enlarged to this many megapixels (e.g. 12)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Indexing images/s next to a plain open_clip loop, share of the matmul roof; text query
@@ -402,6 +406,7 @@ def bench_speed(
             device=device,
             workers=workers,
             precision=precision,
+            upscale_megapixels=upscale,
             log=None if as_json else err.print,
         )
     if as_json:

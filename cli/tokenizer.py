@@ -30,7 +30,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -38,10 +40,11 @@ def _fail(message: str) -> None:
 def _clean_errors():
     """Known failures become one line on stderr and exit status 1, never a traceback."""
     from vqret.retrieval.images import ImageLoadError
+    from vqret.retrieval.store import StoreError
 
     try:
         yield
-    except (ValueError, ImageLoadError) as e:
+    except (ValueError, ImageLoadError, StoreError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         err.print("interrupted: the last checkpoint is kept; run the same command to resume")
@@ -66,14 +69,48 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--store",
+        help="Store folder (or its indexed folder); default: the one found from here up.",
+    ),
+]
+
+
+def open_store(store: Path | None):
+    """A store by path (the store folder or the folder it indexes), or the nearest one up."""
+    from vqret.retrieval.collection import Collection
+
+    return Collection.open(store).store  # opens no model
+
+
 @tokenizer_app.command("train")
 def train_command(
     images: Annotated[
-        Path, typer.Option("--images", help="Folder of images to train on (walked recursively).")
-    ],
+        Path | None,
+        typer.Option(
+            "--images",
+            help="Folder of images to train on (walked recursively); default: the --store's "
+            "images.",
+        ),
+    ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            help="Train on this store's images (without --images: the store found upwards); "
+            "the checkpoint goes to STORE/tokenizer, where encode, decode and dupes look.",
+        ),
+    ] = None,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Checkpoint folder [default: ./tokenizer-PRESET]."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Checkpoint folder (default: STORE/tokenizer with a store, else "
+            "./tokenizer-PRESET).",
+        ),
     ] = None,
     preset: Annotated[
         str, typer.Option(help="Preset name (tiny, cpu, cpu-fsq, gpu, ...) or config JSON.")
@@ -109,20 +146,34 @@ def train_command(
     ),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no log.")] = False,
 ) -> None:
-    """Train a tokenizer on --images; run it again to resume from its last checkpoint."""
+    """Train a tokenizer on --images or a store's images; run it again to resume."""
     if steps is None and minutes is None:
         _fail("give a budget: --minutes N and/or --steps N")
-    if not images.is_dir():
+    if images is not None and store is not None:
+        _fail("give --images DIR or --store PATH, not both")
+    if images is not None and not images.is_dir():
         _fail(f"{images}: not a folder")
     with _clean_errors():
+        from vqret.tokenizer.store_codes import TOKENIZER_DIRNAME
         from vqret.tokenizer.train import train
 
         overrides = _parse_overrides(set_ or [])
-        target = out_dir or Path(f"tokenizer-{Path(preset).stem}")
+        root = None
+        if images is not None:
+            source = images
+            target = out_dir or Path(f"tokenizer-{Path(preset).stem}")
+        else:
+            opened = open_store(store)
+            root = opened.root
+            source = [str(root / p) for p in opened.read_table(["path"]).column("path").to_pylist()]
+            if not source:
+                _fail(f"{opened.path} has no images: run `vqret index FOLDER` first")
+            target = out_dir or opened.path / TOKENIZER_DIRNAME
         show_bar = not (as_json or quiet) and err.is_terminal
         result = train(
-            images,
+            source,
             target,
+            root=root,
             preset=preset,
             steps=steps,
             minutes=minutes,
@@ -183,6 +234,157 @@ def presets_command(
             f"{r['quantizer']}, {r['num_codes']} codes",
             highlight=False,
         )
+
+
+# ------------------------------------------------------------------------------------------
+# tokenizer encode / decode: code grids in the store
+# ------------------------------------------------------------------------------------------
+
+TokenizerOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokenizer",
+        "-t",
+        help="Checkpoint folder or .safetensors (default: the one the store's codes were made "
+        "with, else STORE/tokenizer).",
+    ),
+]
+
+
+def _load_tokenizer(store, checkpoint: Path | None, device: str, batch_size: int = 64):
+    from vqret.tokenizer.api import Tokenizer
+    from vqret.tokenizer.store_codes import store_tokenizer_path
+
+    return Tokenizer.load(
+        store_tokenizer_path(store, checkpoint), device=device, batch_size=batch_size
+    )
+
+
+@tokenizer_app.command("encode")
+def encode_command(
+    store: StoreOpt = None,
+    checkpoint: TokenizerOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for another writer of the store.")
+    ] = 0.0,
+    commit_every: Annotated[
+        int, typer.Option("--commit-every", min=1, help="Commit after this many encoded images.")
+    ] = 4096,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help='One JSON object: {"tokenizer", "grid", "encoded", "skipped", '
+            '"failed": [{"path", "error"}], "seconds"}.'
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+) -> None:
+    """Write every image's code grid into the store; again, it encodes only what's new."""
+    with _clean_errors():
+        import torch
+        from vqret.tokenizer.store_codes import encode_store
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        opened = open_store(store)
+        tokenizer = _load_tokenizer(opened, checkpoint, device, batch_size)
+
+        def on_failure(failure) -> None:
+            if not quiet:
+                err.print(f"skipped {failure.path}: {failure.error}", highlight=False,
+                          markup=False)
+
+        show_bar = not (as_json or quiet) and err.is_terminal
+        options = {"wait": wait, "commit_every": commit_every, "on_failure": on_failure}
+        try:
+            if show_bar:
+                report = _encode_with_progress(opened, tokenizer, options)
+            else:
+                report = encode_store(opened, tokenizer, **options)
+        except KeyboardInterrupt:
+            err.print("interrupted: committed codes are kept; run the same command to resume")
+            raise typer.Exit(130) from None
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    elif not quiet:
+        g = report.grid
+        out.print(
+            f"{report.encoded} encoded, {report.skipped} skipped (already encoded), "
+            f"{len(report.failed)} failed; {g[0]}x{g[1]} codes by tokenizer "
+            f"{report.tokenizer[:12]} -> {opened.path} ({report.seconds:.1f} s)",
+            highlight=False,
+        )
+
+
+def _encode_with_progress(store, tokenizer, options: dict):
+    import time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from vqret.tokenizer.store_codes import encode_store
+
+    progress = Progress(
+        TextColumn("encoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} images/s"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    started = time.perf_counter()
+    with progress:
+        task = progress.add_task("encode", total=None, rate="-")
+
+        def on_progress(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - started
+            rate = f"{done / elapsed:.1f}" if done and elapsed > 0 else "-"
+            progress.update(task, completed=done, total=total, rate=rate)
+
+        return encode_store(store, tokenizer, on_progress=on_progress, **options)
+
+
+@tokenizer_app.command("decode")
+def decode_command(
+    output: Annotated[Path, typer.Option("--out", "-o", help="Picture to write (PNG, JPEG...).")],
+    row_id: Annotated[int | None, typer.Option("--id", help="The image's row id.")] = None,
+    path: Annotated[
+        Path | None,
+        typer.Option("--path", help="The image's path: as stored, or a file under the folder."),
+    ] = None,
+    store: StoreOpt = None,
+    checkpoint: TokenizerOpt = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+) -> None:
+    """Rebuild an image from its stored codes (no pixels read): --id N or --path P."""
+    if (row_id is None) == (path is None):
+        _fail("give --id N or --path P (one of them)")
+    with _clean_errors():
+        from PIL import Image
+        from vqret.retrieval.store import write_atomic
+        from vqret.tokenizer.store_codes import decode_row
+
+        opened = open_store(store)
+        tokenizer = _load_tokenizer(opened, checkpoint, device)
+        pixels = decode_row(opened, tokenizer, id=row_id, path=path)
+        import io
+
+        fmt = Image.registered_extensions().get(output.suffix.lower())
+        if fmt is None:
+            _fail(f"{output}: unknown picture type {output.suffix!r} (try .png)")
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buffer, format=fmt)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(output, buffer.getvalue())
+    err.print(f"wrote {output} ({pixels.shape[1]}x{pixels.shape[0]})", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------

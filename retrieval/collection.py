@@ -155,6 +155,41 @@ class Collection:
             update_after_write(writer, TEXTS)
         return report.to_dict()
 
+    # ---- tokenizer codes (vqret.tokenizer) ------------------------------------------------
+    def tokenizer(self, checkpoint: str | os.PathLike | None = None, **kwargs: Any):
+        """The store's tokenizer (STORE/tokenizer, or the one its codes were made with), or
+        `checkpoint`; kwargs go to Tokenizer.load (device, batch_size)."""
+        from vqret.tokenizer.api import Tokenizer
+        from vqret.tokenizer.store_codes import store_tokenizer_path
+
+        return Tokenizer.load(store_tokenizer_path(self.store, checkpoint), **kwargs)
+
+    def encode_codes(self, tokenizer: Any = None, **kwargs: Any):
+        """Write every image's code grid into the store, incrementally (EncodeReport).
+        `tokenizer`: a Tokenizer, a checkpoint path, or None for the store's own."""
+        from vqret.tokenizer.store_codes import encode_store
+
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = self.tokenizer(tokenizer)
+        return encode_store(self.store, tokenizer, **kwargs)
+
+    def decode_codes(
+        self, id: int | None = None, path: str | os.PathLike | None = None, tokenizer: Any = None
+    ) -> np.ndarray:
+        """The picture rebuilt from an image's stored codes, uint8 (S, S, 3)."""
+        from vqret.tokenizer.store_codes import decode_row
+
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = self.tokenizer(tokenizer)
+        return decode_row(self.store, tokenizer, id=id, path=path)
+
+    def duplicates(self, **kwargs: Any):
+        """Groups of near-duplicate images from stored codes and embeddings (DupeReport);
+        kwargs: threshold, codes_threshold, ... (vqret.tokenizer.dupes.find_duplicates)."""
+        from vqret.tokenizer.dupes import find_duplicates
+
+        return find_duplicates(self.store, **kwargs)
+
     # ---- searching ------------------------------------------------------------------------
     def _search_index(self, table: str = IMAGES):
         from .index import load_index, to_search_device

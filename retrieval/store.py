@@ -415,6 +415,54 @@ class StoreWriter:
             self.added[table].update(add.column("id").to_pylist())
         self._publish(table, new_parts, superseded, rows, failures, manifest_updates)
 
+    def update_columns(
+        self, rows: pa.Table, table: str = IMAGES, **manifest_updates: Any
+    ) -> int:
+        """Set columns of existing rows, by id, in one atomic commit; returns the rows updated.
+
+        `rows` holds an `id` column and the columns to set (e.g. codes, codes_tokenizer).
+        The parts holding those ids are rewritten with the new values, rows keep their ids
+        and order, ids not in the table are ignored. Ids and embeddings can't be set here:
+        since the vectors stay the same, the table's search index stays valid (its
+        `changed_at` generation is kept) and nothing has to be re-added to FAISS.
+        """
+        schema = table_schema(table, self.store.dim)
+        columns = [c for c in rows.column_names if c != "id"]
+        if "id" not in rows.column_names or not columns:
+            raise ValueError("update_columns needs an id column and at least one other")
+        frozen = {"embedding"} & set(columns)
+        unknown = [c for c in columns if c not in schema.names]
+        if frozen or unknown:
+            raise ValueError(
+                f"update_columns can't set {sorted(frozen) + unknown}: ids and embeddings "
+                "change through commit(), and only columns of the table exist"
+            )
+        ids = rows.column("id").combine_chunks().cast(pa.int64())
+        if len(pc.unique(ids)) != len(ids):
+            raise ValueError("update_columns: an id appears twice")
+        values = rows.select(columns).cast(pa.schema([schema.field(c) for c in columns]))
+        wanted = ids.to_numpy()
+        new_parts, superseded, updated = [], [], 0
+        for part in self.store.parts(table):
+            if not np.isin(self._ids_of(table, part), wanted).any():
+                new_parts.append(part)
+                continue
+            data = pq.read_table(self.store.path / table / part)
+            position = pc.index_in(data.column("id"), value_set=ids)  # null: not updated
+            hit = pc.is_valid(position)
+            take = pc.fill_null(position, 0)
+            for c in columns:
+                new = pc.if_else(hit, values.column(c).take(take), data.column(c))
+                data = data.set_column(data.schema.get_field_index(c), schema.field(c), new)
+            updated += pc.sum(hit.cast(pa.int64())).as_py()
+            superseded.append(part)
+            new_parts.append(self._write_part(table, data))
+        self._publish(
+            table, new_parts, superseded, self.store.count(table), None, manifest_updates,
+            vectors_changed=False,
+        )
+        return updated
+
     def compact(self, table: str = IMAGES, max_rows: int = COMPACT_ROWS) -> None:
         """Merge small parts (fewer than max_rows rows together) into one."""
         parts = self.store.parts(table)
@@ -432,13 +480,16 @@ class StoreWriter:
         new = self._write_part(table, rows)
         self._publish(table, kept + [new], merged, self.store.count(table), None, {})
 
-    def _publish(self, table, parts, superseded, rows, failures, updates) -> None:
+    def _publish(
+        self, table, parts, superseded, rows, failures, updates, vectors_changed: bool = True
+    ) -> None:
         manifest = json.loads(json.dumps(self.manifest))  # deep copy: readers share none of it
         manifest.update(updates)
         entry = manifest["tables"][table]
         manifest["generation"] = self.store.generation + 1
-        if parts != entry["parts"]:
-            # the last generation that changed this table: its index stays valid until then
+        if vectors_changed and parts != entry["parts"]:
+            # the last generation that changed this table's rows or vectors: its index
+            # stays valid until then (update_columns leaves both alone)
             entry["changed_at"] = manifest["generation"]
         entry.update(parts=parts, rows=rows)
         manifest["updated_at"] = now_utc().isoformat()

@@ -99,3 +99,27 @@ def test_bench_reports_the_roof_at_its_precision(tmp_path: Path) -> None:
     assert result["share_of_roof"] == pytest.approx(
         result["vqret_images_per_s"] / result["roof_images_per_s"], rel=0.01
     )
+
+
+def test_upscaled_copies_are_made_once_at_the_asked_size(tmp_path: Path) -> None:
+    from vqret.benchmarks.speed import upscaled_copies
+
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "sub" / "a.png")
+    Image.new("RGB", (30, 30), (10, 200, 10)).save(root / "b.jpg")
+    sources = [str(root / "sub" / "a.png"), str(root / "b.jpg")]
+    cache = tmp_path / "cache"
+
+    copies = upscaled_copies(sources, root, 0.12, cache=cache)
+    assert len(copies) == 2 and len(set(copies)) == 2
+    for copy, (w0, h0) in zip(copies, [(40, 30), (30, 30)], strict=True):
+        with Image.open(copy) as im:
+            assert im.format == "JPEG"
+            assert abs(im.width * im.height - 120_000) / 120_000 < 0.02
+            assert abs(im.width / im.height - w0 / h0) < 0.01
+    first = [Path(c).stat().st_mtime_ns for c in copies]
+    assert upscaled_copies(sources, root, 0.12, cache=cache) == copies
+    assert [Path(c).stat().st_mtime_ns for c in copies] == first  # reused, not remade
+    with pytest.raises(ValueError, match="megapixels"):
+        upscaled_copies(sources, root, 0, cache=cache)

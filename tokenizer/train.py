@@ -93,6 +93,7 @@ def train(
     resume: bool = True,
     progress: bool = False,
     log_fn: Log | None = None,
+    root: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train (or continue training) a tokenizer; checkpoints go to the folder `out`.
@@ -111,6 +112,8 @@ def train(
     eval_every: steps between held-out evaluations (default: about once a minute).
     resume: continue from `out`'s last checkpoint when there is one (else start over).
     progress: show a rich progress bar on stderr; `log_fn` gets one line per evaluation.
+    root: with a list of paths, the folder the held-out split takes them relative to (so
+        the split survives the folder moving); a folder `images` is its own root.
     """
     say = log_fn or log.info
     if steps is None and minutes is None:
@@ -150,6 +153,7 @@ def train(
             resume=resume,
             progress=progress,
             say=say,
+            root=root,
         )
     finally:
         torch.set_num_threads(previous_threads)  # the thread count is process-wide
@@ -176,6 +180,7 @@ def _train(
     resume: bool,
     progress: bool,
     say: Log,
+    root: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     dev = _resolve_device(device)
     use_bf16 = _use_bf16(dev, precision)
@@ -197,10 +202,13 @@ def _train(
 
     # ---- data ----
     paths = list_images(images)
-    root = images if isinstance(images, (str, os.PathLike)) else None
+    is_folder = isinstance(images, (str, os.PathLike))
+    root = images if is_folder else root
+    # a folder names itself; a list (e.g. a store's rows) is summed up, not copied into JSON
+    source = str(images) if is_folder else f"{len(paths)} listed files"
     train_paths, held_paths = split_holdout(paths, holdout, root=root, max_holdout=max_holdout)
     if not train_paths:
-        raise ValueError(f"no training images in {images}")
+        raise ValueError(f"no training images in {source}")
     started = time.perf_counter()
     if cache is None:
         # Cached images are kept at a short side of image_size / MIN_CROP_SCALE, 4:3 on average.
@@ -214,7 +222,7 @@ def _train(
     dataset = TrainImages(train_paths, config.image_size, cache=cache, on_error=say)
     held_out, _ = decode_images(held_paths, config.image_size, on_error=say)
     say(
-        f"{len(dataset)} training and {held_out.shape[0]} held-out images from {images} "
+        f"{len(dataset)} training and {held_out.shape[0]} held-out images from {source} "
         f"({time.perf_counter() - started:.1f} s to decode); preset {config.name}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{config.grid_size}x{config.grid_size} grid of {config.num_codes} codes, "
@@ -246,7 +254,7 @@ def _train(
             "step": step,
             "train_seconds": round(train_seconds, 1),
             "images_seen": images_seen,
-            "data": {"source": str(images), "train": len(dataset), "held_out": held_out.shape[0]},
+            "data": {"source": source, "train": len(dataset), "held_out": held_out.shape[0]},
             "training": {
                 "batch_size": batch_size,
                 "lr": lr,
