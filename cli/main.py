@@ -432,6 +432,10 @@ from vqret.cli.bench_ann import register as _register_bench_ann  # noqa: E402
 
 _register_bench_ann(bench_app)
 
+from vqret.cli.bench_query import register as _register_bench_query  # noqa: E402
+
+_register_bench_query(bench_app)
+
 
 @bench_app.command("recall")
 def bench_recall(

@@ -1,0 +1,28 @@
+"""`vqret bench query` runs end to end on the fixture model; latencies are not asserted."""
+
+from __future__ import annotations
+
+from conftest import run_cli, run_json
+
+
+def test_bench_query_times_encoders_and_both_searches(tiny_clip):
+    result = run_json("bench", "query", "--n", "2000", "--model", tiny_clip[0],
+                      "--pretrained", tiny_clip[1])
+    assert result["n"] == 2000 and result["dim"] == 64
+    assert result["queries"] == 60
+    assert {"torch"} <= result["encode_ms"].keys()
+    if result["onnx"] == "exported":
+        assert "onnx" in result["encode_ms"]
+    assert set(result["search_ms"]) == {"auto", "exact"}
+    assert result["encoder"] in result["encode_ms"]
+    for part in (*result["encode_ms"].values(), *result["search_ms"].values(), result["total_ms"]):
+        assert 0 < part["p50"] <= part["p99"]
+    # the total is one encode plus one search per query, so its median exceeds the search's
+    assert result["total_ms"]["p50"] > result["search_ms"]["auto"]["p50"]
+    assert result["index_recall_at_10"] >= 0.95
+
+
+def test_bench_query_refuses_a_tiny_collection(tiny_clip):
+    proc = run_cli("bench", "query", "--n", "10", "--model", tiny_clip[0], check=False)
+    assert proc.returncode == 1
+    assert "at least 1000" in proc.stderr
