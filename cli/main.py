@@ -55,8 +55,8 @@ def fail(message: str, code: int = 1) -> None:
 @contextmanager
 def clean_errors():
     """Known failures become one line on stderr and exit status 1, never a traceback."""
-    from vqret.retrieval.embedder import ModelConfigError, WeightsUnavailableError
     from vqret.retrieval.images import ImageLoadError
+    from vqret.retrieval.model_spec import ModelConfigError, WeightsUnavailableError
     from vqret.retrieval.store import StoreError
 
     try:
@@ -188,6 +188,8 @@ def index(
         finally:
             if engine == "ray":
                 ray_embedder.close()
+        # Once per model: text searches then start without torch (retrieval/onnx_text.py).
+        collection.prepare_fast_text_search()
     if as_json:
         print(json.dumps(report.to_dict()))
     elif not quiet:
@@ -282,7 +284,7 @@ def search(
         # One query: faiss' OpenMP threads cost more in start-up and barriers than they save
         # (exact search over 1M vectors measured 92 ms on 1 thread, 358 ms on 2).
         faiss.omp_set_num_threads(1)
-        collection = Collection.open(store, device=device)
+        collection = Collection.open(store, device=device, one_shot=True)
         results = collection.search(text=query, image=image, k=k, texts=texts)
         if grid is not None:
             from vqret.retrieval.grid import render_grid
@@ -317,6 +319,11 @@ def search(
         out.print(table)
     if grid is not None and not as_json and not files:
         err.print(f"wrote {grid}", highlight=False)
+    if collection.text_export_would_help:
+        # This query needed torch (no usable ONNX text encoder): export one now, after the
+        # answer is out, so the next search starts without torch.
+        sys.stdout.flush()
+        collection.prepare_fast_text_search()
 
 
 @app.command("index-texts")

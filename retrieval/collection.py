@@ -13,14 +13,16 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
-from .embedder import DEFAULT_MODEL, DEFAULT_PRETRAINED, Embedder
-from .images import load_image
 from .store import IMAGES, STORE_DIRNAME, TEXTS, Store, StoreError, find_store
+
+if TYPE_CHECKING:  # the embedder imports torch: only when a model is really needed
+    from PIL import Image
+
+    from .embedder import Embedder
 
 TEXT_CACHE_SIZE = 4096
 
@@ -44,10 +46,30 @@ class SearchResult:
 class Collection:
     """A store and the embedder that fills and queries it."""
 
-    def __init__(self, store: Store, embedder: Embedder | None = None, **embedder_kwargs: Any):
+    def __init__(
+        self,
+        store: Store,
+        embedder: Embedder | None = None,
+        *,
+        text_encoder: str = "auto",
+        one_shot: bool = False,
+        **embedder_kwargs: Any,
+    ):
+        """`text_encoder`: "auto" embeds text queries with the store's exported ONNX text
+        tower when it is there and valid (no torch import), else with the model; "torch"
+        always with the model. `one_shot`: this process answers one query and exits (the
+        CLI), so load the ONNX encoder for a fast start rather than fast repeats."""
+        if text_encoder not in ("auto", "torch"):
+            raise ValueError(f"unknown text encoder {text_encoder!r}: use auto or torch")
         self.store = store
         self._embedder = embedder
         self._embedder_kwargs = embedder_kwargs
+        self._text_choice = text_encoder
+        self._one_shot = one_shot
+        self._onnx_text: Any = None  # OnnxTextEncoder once loaded
+        # why text queries take the torch path (None: not decided yet, "" : they don't)
+        self.text_path_reason: str | None = None
+        self._text_export_helps = False
         # search indexes and id -> row lookups, valid for one store generation
         self._indexes: dict[str, Any] = {}
         self._lookups: dict[str, dict[int, dict]] = {}
@@ -100,6 +122,8 @@ class Collection:
             _remove_store(path)
             existing = None
         if embedder is None:
+            from .embedder import DEFAULT_MODEL, DEFAULT_PRETRAINED, Embedder
+
             if existing is not None and model is None and pretrained is None:
                 # Re-indexing uses the store's own model unless told otherwise.
                 embedder = Embedder.from_spec(existing.spec, **embedder_kwargs)
@@ -127,6 +151,8 @@ class Collection:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
+            from .embedder import Embedder
+
             self._embedder = Embedder.from_spec(self.store.spec, **self._embedder_kwargs)
         return self._embedder
 
@@ -219,12 +245,16 @@ class Collection:
                 if cached is not None:
                     self._text_cache.move_to_end(text)
                     return cached
-            vector = self.embedder.embed_texts([text])[0]
+            vector = self._embed_text(text)
             with self._cache_lock:
                 self._text_cache[text] = vector
                 if len(self._text_cache) > TEXT_CACHE_SIZE:
                     self._text_cache.popitem(last=False)
             return vector
+        from PIL import Image
+
+        from .images import load_image
+
         if not isinstance(image, Image.Image):
             image = load_image(image, draft_size=(self.embedder.image_size,) * 2)
         return self.embedder.embed_images([image])[0]
@@ -268,6 +298,69 @@ class Collection:
             path = paths[image_id]["path"] if image_id in paths else None
             results.append(SearchResult(rank, i, path, score, rows[i]["text"], image_id))
         return results
+
+    # ---- text queries without torch -------------------------------------------------------
+    def _embed_text(self, text: str) -> np.ndarray:
+        encoder = self._fast_text_encoder()
+        if encoder is not None:
+            from .onnx_text import TextEncoderUnavailable
+
+            try:
+                return encoder.embed_texts([text])[0]
+            except TextEncoderUnavailable as e:  # its self-check failed: never use it
+                self._no_fast_text(e.reason, e.rebuild)
+        return self.embedder.embed_texts([text])[0]
+
+    def _fast_text_encoder(self):
+        """The ONNX text encoder when this collection may and can use it, else None."""
+        if self._onnx_text is not None or self.text_path_reason is not None:
+            return self._onnx_text
+        kwargs = self._embedder_kwargs
+        if self._embedder is not None or self._text_choice == "torch":
+            self.text_path_reason = "the model is loaded or asked for"
+        elif kwargs.get("device", "auto") not in ("auto", "cpu") or kwargs.get(
+            "precision", "fp32"
+        ) != "fp32":
+            # the export is fp32 on the CPU: the same numbers as the default torch path
+            self.text_path_reason = "another device or precision was asked for"
+        else:
+            from .onnx_text import TextEncoderUnavailable, load_text_encoder
+
+            try:
+                self._onnx_text = load_text_encoder(
+                    self.store.path, self.store.spec, one_shot=self._one_shot
+                )
+                self.text_path_reason = ""
+            except TextEncoderUnavailable as e:
+                self._no_fast_text(e.reason, e.rebuild)
+        return self._onnx_text
+
+    def _no_fast_text(self, reason: str, rebuild: bool) -> None:
+        import logging
+
+        logging.getLogger(__name__).info("text query through torch: %s", reason)
+        self._onnx_text = None
+        self.text_path_reason = reason
+        self._text_export_helps = rebuild
+
+    @property
+    def text_export_would_help(self) -> bool:
+        """True when a text query took the torch path because the store's ONNX text encoder
+        is missing, stale or damaged: `prepare_fast_text_search()` would mend that."""
+        return self._text_export_helps
+
+    def prepare_fast_text_search(self) -> str:
+        """Export the model's text tower to ONNX into the store (when not already there and
+        up to date), so that later text searches run without torch. Never raises: a model
+        that can't be exported keeps the torch path. Returns a short status."""
+        from .onnx_text import ensure_text_encoder
+
+        embedder = self.embedder
+        # a Ray embedder embeds captions with a local model: that one exports
+        embedder = getattr(embedder, "text_embedder", None) or embedder
+        status = ensure_text_encoder(self.store.path, embedder)
+        self._text_export_helps = False
+        return status
 
     def _lookup(self, table: str) -> dict[int, dict]:
         """id -> row (without embeddings) of a table, cached for the current generation."""

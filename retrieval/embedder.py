@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -25,46 +25,15 @@ from PIL import Image
 
 from .images import ImageLoadError, load_image
 
+# Defined beside the store (no torch there); imported here for the names users know.
+from .model_spec import ModelConfigError, ModelSpec, WeightsUnavailableError
+
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 # `--pretrained none` builds the architecture with random weights: for speed benchmarks only.
 RANDOM_WEIGHTS = "none"
 
 ImageInput = str | os.PathLike | Image.Image
-
-
-class WeightsUnavailableError(RuntimeError):
-    """The requested weights can't be had (offline, not cached, unknown tag, missing file)."""
-
-
-class ModelConfigError(ValueError):
-    """The model name or config file is not usable."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a store records about the model so that queries are embedded the same way."""
-
-    model: str  # open_clip architecture name (a config file registers under its stem)
-    pretrained: str  # tag, absolute checkpoint path, or "none"
-    weights_id: str  # the tag, or "sha256:<hex>" of a checkpoint file
-    embed_dim: int
-    preprocess: dict[str, Any] = field(default_factory=dict)
-    model_config: dict[str, Any] | None = None  # the JSON of a config file, kept in the store
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-    def same_model(self, other: ModelSpec) -> bool:
-        return (self.model, self.weights_id, self.embed_dim) == (
-            other.model,
-            other.weights_id,
-            other.embed_dim,
-        )
 
 
 # --------------------------------------------------------------------------------------------
