@@ -56,6 +56,9 @@ SWEEP = {
 TARGET_N = 1_000_000  # issue 3: at 1M x 512, recall@10 >= 0.95, >= 20x exact, <= 1.2 KB
 TARGET_SPEEDUP = 20.0
 TARGET_BYTES = 1200.0
+# Product quantization as it was before exact re-ranking, measured beside the re-ranked one.
+NO_REFINE = "ivfpq-norefine"
+BENCH_KINDS = (*ann.KINDS, NO_REFINE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,11 +298,11 @@ def _measure_ann(
     threads: int,
     log: Log,
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {"index": plan.factory, "reason": plan.reason}
+    row: dict[str, Any] = {"index": plan.faiss_factory, "reason": plan.reason}
     try:
         index, train_s, add_s = build_within(plan, vectors, budget_s)
     except BudgetExceeded as e:
-        log(f"    {plan.factory}: skipped (budget): {e}")
+        log(f"    {plan.faiss_factory}: skipped (budget): {e}")
         return {**row, "status": "skipped (budget)", "note": str(e)}
     row.update(status="ok", train_s=round(train_s, 2), add_s=round(add_s, 2),
                build_s=round(train_s + add_s, 2))
@@ -324,7 +327,7 @@ def run_ann_benchmark(
     sizes: Sequence[int] = DEFAULT_SIZES,
     *,
     dim: int = 512,
-    kinds: Sequence[str] = ann.KINDS,
+    kinds: Sequence[str] = BENCH_KINDS,
     n_queries: int = 1000,
     budget_s: float = DEFAULT_BUDGET_S,
     memory: int | None = None,
@@ -342,9 +345,9 @@ def run_ann_benchmark(
     to `plot` when given. `memory` is the budget auto plans for (default RAM / 4).
     """
     say: Log = log or (lambda _message: None)
-    bad = [k for k in kinds if k not in ann.KINDS]
+    bad = [k for k in kinds if k not in BENCH_KINDS]
     if bad:
-        raise ValueError(f"unknown index type(s) {', '.join(bad)}: use {', '.join(ann.KINDS)}")
+        raise ValueError(f"unknown index type(s) {', '.join(bad)}: use {', '.join(BENCH_KINDS)}")
     if not sizes or min(sizes) < 2 * K:
         raise ValueError(f"sizes must be at least {2 * K} vectors")
     if n_queries < 1:
@@ -406,22 +409,23 @@ def _run_size(
     measured: dict[str, dict[str, Any]] = {"IDMap2,Flat": flat_row}
     rows = []
     for kind in kinds:
-        plan = ann.plan_index(n, dim, kind, memory)
-        if plan.factory not in measured:
-            say(f"  {kind}: {plan.factory} ({plan.reason})")
-            measured[plan.factory] = _measure_ann(plan, vectors, queries, truth, flat_qps,
-                                                  budget_s, target, threads, say)
-            m = measured[plan.factory]
+        plan = _plan(n, dim, kind, memory)
+        name = plan.faiss_factory
+        if name not in measured:
+            say(f"  {kind}: {name} ({plan.reason})")
+            measured[name] = _measure_ann(plan, vectors, queries, truth, flat_qps,
+                                          budget_s, target, threads, say)
+            m = measured[name]
             if m["status"] == "ok":
                 say(f"    {m['param']}: recall@10 {m['recall_at_10']:.3f}, "
                     f"{m['batch_qps']:,.0f} q/s batch, {m['single_ms']:.3f} ms single, "
                     f"build {m['build_s']:.1f} s, {m['bytes_per_vector']:.0f} B/vector")
-        rows.append({**measured[plan.factory], "kind": kind})
+        rows.append({**measured[name], "kind": kind})
 
     auto = ann.plan_index(n, dim, "auto", memory)
-    auto_row = measured.get(auto.factory)
+    auto_row = measured.get(auto.faiss_factory)
     summary: dict[str, Any] = {"n": n, "flat_single_ms": flat_row["single_ms"],
-                               "auto_index": auto.factory}
+                               "auto_index": auto.faiss_factory}
     if auto_row is not None and auto_row["status"] == "ok":
         speedup = flat_row["single_ms"] / auto_row["single_ms"]
         summary.update(
@@ -436,10 +440,16 @@ def _run_size(
                 and auto_row["bytes_per_vector"] <= TARGET_BYTES
             ),
         )
-        say(f"  auto ({auto.factory}): {speedup:.1f}x faster than exact for one query")
+        say(f"  auto ({auto.faiss_factory}): {speedup:.1f}x faster than exact for one query")
     del exact, vectors
     gc.collect()
     return {"n": n, "rows": rows, "flat": flat_row, "summary": summary}
+
+
+def _plan(n: int, dim: int, kind: str, memory: int) -> ann.IndexPlan:
+    if kind == NO_REFINE:
+        return ann.plan_index(n, dim, "ivfpq", memory, refine=False)
+    return ann.plan_index(n, dim, kind, memory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +464,8 @@ def _require_matplotlib() -> None:
         raise ValueError("--plot needs matplotlib: pip install 'vqret[bench]'") from None
 
 
-COLOURS = {"flat": "black", "hnsw": "tab:green", "ivf": "tab:blue", "ivfpq": "tab:red"}
+COLOURS = {"flat": "black", "hnsw": "tab:green", "ivf": "tab:blue", "ivfpq": "tab:red",
+           "ivfpq+refine": "tab:orange"}
 
 
 def _family(factory: str) -> str:
@@ -462,7 +473,7 @@ def _family(factory: str) -> str:
     if "HNSW" in factory:
         return "hnsw"
     if "PQ" in factory:
-        return "ivfpq"
+        return "ivfpq+refine" if "RFlat" in factory else "ivfpq"
     return "ivf" if "IVF" in factory else "flat"
 
 

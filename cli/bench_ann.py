@@ -48,8 +48,9 @@ def bench_ann(
     ] = "10000,100000,1000000",
     dim: Annotated[int, typer.Option("--dim", min=16, help="Vector dimension.")] = 512,
     kinds: Annotated[
-        str, typer.Option("--kinds", help="Index types: auto,flat,hnsw,ivf,ivfpq.")
-    ] = "auto,flat,hnsw,ivf,ivfpq",
+        str, typer.Option("--kinds", help="Index types: auto,flat,hnsw,ivf,ivfpq (re-ranked), "
+                          "ivfpq-norefine (PQ alone).")
+    ] = "auto,flat,hnsw,ivf,ivfpq,ivfpq-norefine",
     queries: Annotated[
         int, typer.Option("--queries", min=1, help="Queries (fresh draws, not in the collection).")
     ] = 1000,

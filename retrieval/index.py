@@ -83,7 +83,14 @@ def save_index(
     write_atomic(meta_path, json.dumps(meta, indent=2).encode())
 
 
-def _read_faiss(path: Path) -> faiss.Index:
+def _read_faiss(path: Path, mmap_refine: bool = False) -> faiss.Index:
+    if mmap_refine:
+        # The plan kept the re-ranking vectors out of the memory budget: map them (and the
+        # rest of the flat codes) from the file; the PQ codes are read in.
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError:
+            log.info("%s can't be memory-mapped; reading it in", path)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -96,16 +103,22 @@ def _read_faiss(path: Path) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
-def load_saved(store: Store, table: str = IMAGES, any_generation: bool = False):
-    """(index, meta) saved for the store's current generation (or any, if asked), or None."""
+def load_saved(
+    store: Store, table: str = IMAGES, any_generation: bool = False, writable: bool = False
+):
+    """(index, meta) saved for the store's current generation (or any, if asked), or None.
+
+    A reader gets a PQ plan's re-ranking vectors memory-mapped when the plan says so; a
+    `writable` copy (for an in-place update) is read into memory."""
     meta = read_meta(store, table)
     path = index_files(store, table)[0]
     if meta is None or not path.is_file():
         return None
     if not any_generation and meta.get("generation") != store.table_generation(table):
         return None
+    mmap_refine = not writable and meta.get("plan", {}).get("refine") == "mmap"
     try:
-        index = _read_faiss(path)
+        index = _read_faiss(path, mmap_refine)
     except RuntimeError as e:
         log.warning("%s is damaged (%s); rebuilding it from the rows", path, e)
         return None
@@ -147,7 +160,7 @@ def search_index(
     # (k near the collection size), probe more lists rather than return fewer than k.
     while ivf is not None and (ids < 0).any() and nprobe < ivf.nlist:
         nprobe = min(ivf.nlist, nprobe * 4)
-        scores, ids = index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        scores, ids = index.search(queries, k, params=ann.ivf_search_params(index, nprobe))
     return scores, ids
 
 
@@ -190,13 +203,16 @@ def update_index(
         previous is not None
         and changed_ids is not None
         and previous.kind == plan.kind != "flat"
+        and bool(previous.refine) == bool(plan.refine)  # the same faiss structure
         and meta.get("generation") == start_generation
         and n <= ann.RETRAIN_GROWTH * max(previous.trained_n, 1)
         and not (plan.kind == "hnsw" and removed)
     ):
-        saved = load_saved(store, table, any_generation=True)
+        saved = load_saved(store, table, any_generation=True, writable=True)
         if saved is not None:
             index, _ = saved
+            if plan.refine:  # RAM or memory-mapped is the reader's choice, made per run
+                previous.refine, previous.bytes_per_vector = plan.refine, plan.bytes_per_vector
             plan = previous
             _apply_changes(store, table, index, set(changed_ids))
     if index is None:
@@ -234,7 +250,17 @@ def _apply_changes(store: Store, table: str, index: faiss.Index, changed: set[in
     if not changed:
         return
     wanted = np.fromiter(changed, dtype=np.int64)
-    index.remove_ids(faiss.IDSelectorBatch(wanted))
+    if ann.refine_of(index) is not None:
+        # IndexRefine can't remove ids: when any indexed vector changed, empty the trained
+        # index and add every row again (no retraining); pure additions are appended.
+        if np.isin(faiss.vector_to_array(index.id_map), wanted).any():
+            index.reset()
+            ids, vectors = store.vectors(table)
+            for start in range(0, len(ids), 100_000):
+                index.add_with_ids(vectors[start : start + 100_000], ids[start : start + 100_000])
+            return
+    else:
+        index.remove_ids(faiss.IDSelectorBatch(wanted))
     rows = store.rows_by_id(changed, columns=["id", "embedding"], table=table)
     if rows:
         ids = np.fromiter(rows.keys(), dtype=np.int64)
