@@ -28,12 +28,15 @@ _EXPORTS = {
     "StoreError": "vqret.retrieval.store",
     "load_image": "vqret.retrieval.images",
     "ImageLoadError": "vqret.retrieval.images",
+    "generate": "vqret.diffusion.generate",
+    "GeneratedImages": "vqret.diffusion.generate",
     "Tokenizer": "vqret.tokenizer.api",
 }
 
 __all__ = [
     "Collection",
     "Embedder",
+    "GeneratedImages",
     "ImageLoadError",
     "IndexReport",
     "ModelSpec",
@@ -43,10 +46,12 @@ __all__ = [
     "Tokenizer",
     "WeightsUnavailableError",
     "__version__",
+    "generate",
     "load_image",
 ]
 
 if TYPE_CHECKING:
+    from vqret.diffusion.generate import GeneratedImages, generate
     from vqret.retrieval.collection import Collection, SearchResult
     from vqret.retrieval.embedder import Embedder, ModelSpec, WeightsUnavailableError
     from vqret.retrieval.images import ImageLoadError, load_image

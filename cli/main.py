@@ -271,8 +271,24 @@ def search(
     texts: Annotated[
         bool, typer.Option("--texts", help="Search the text rows (captions) instead of images.")
     ] = False,
+    generate: Annotated[
+        str,
+        typer.Option("--generate", help="auto | never | always: draw an image for a text "
+                     "query that matches nothing well (auto: below --threshold, with a model)."),
+    ] = "auto",
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Best score under which auto generates [calibrated on the collection]."),
+    ] = None,
+    generate_out: Annotated[
+        Path | None,
+        typer.Option("--generate-out", help="PNG for the generated image "
+                     "[STORE/diffusion/generated/QUERY.png]."),
+    ] = None,
 ) -> None:
     """Top-k images (or --texts) for a text QUERY or --image, with cosine scores."""
+    if generate not in ("auto", "never", "always"):
+        fail(f"--generate must be auto, never or always, got {generate!r}")
     if (query is None) == (image is None):
         fail('give a text query or --image PATH (not both), e.g. vqret search "a red car"')
     if query is not None and not query.strip():
@@ -286,6 +302,12 @@ def search(
         faiss.omp_set_num_threads(1)
         collection = Collection.open(store, device=device, one_shot=True)
         results = collection.search(text=query, image=image, k=k, texts=texts)
+        generated = None
+        if query is not None and not texts:  # the DiT fallback (cli/diffusion.py)
+            from vqret.cli.diffusion import search_fallback
+
+            generated = search_fallback(collection, query, results, generate, threshold,
+                                        generate_out)
         if grid is not None:
             from vqret.retrieval.grid import render_grid
 
@@ -293,10 +315,14 @@ def search(
                      if r.path is not None]
             render_grid(items, grid, title=query or f"like {image.name}")
     if as_json:
-        print(json.dumps([r.to_dict() for r in results]))
+        from vqret.cli.diffusion import generated_rows
+
+        print(json.dumps([r.to_dict() for r in results] + generated_rows(generated)))
     elif files:
         for r in results:
             print(r.text if texts else collection.resolve(r))
+        if generated:
+            print(generated["path"])
     elif texts:
         from rich.table import Table
 
@@ -316,6 +342,8 @@ def search(
         table.add_column("path", overflow="fold")
         for r in results:
             table.add_row(str(r.rank), f"{r.score:.4f}", r.path)
+        if generated:
+            table.add_row("gen", f"{generated['clip_score']:.4f}", generated["path"])
         out.print(table)
     if grid is not None and not as_json and not files:
         err.print(f"wrote {grid}", highlight=False)
@@ -430,6 +458,10 @@ _register_serve(app)
 from vqret.cli.tokenizer import register as _register_tokenizer  # noqa: E402
 
 _register_tokenizer(app, bench_app)
+
+from vqret.cli.diffusion import register as _register_diffusion  # noqa: E402
+
+_register_diffusion(app, bench_app)
 
 from vqret.cli.dupes import register as _register_dupes  # noqa: E402
 

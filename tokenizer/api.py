@@ -141,6 +141,55 @@ class Tokenizer:
             return np.zeros((0, self.image_size, self.image_size, 3), dtype=np.uint8)
         return np.concatenate(out)
 
+    # ---- images <-> continuous latents (what the diffusion model generates) ----
+
+    @torch.inference_mode()
+    def latents(self, images: Sequence[ImageInput] | torch.Tensor) -> np.ndarray:
+        """Images -> the encoder's continuous pre-quantization outputs, float32
+        (N, z_channels, grid, grid). Same inputs as `encode`."""
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(list(images))
+        self._check_pixels(pixels)
+        z = self.config.z_channels
+        out = [
+            self.model.encoder(to_unit(pixels[s : s + self.batch_size].to(self.device)))
+            .float()
+            .cpu()
+            .numpy()
+            for s in range(0, pixels.shape[0], self.batch_size)
+        ]
+        empty = np.zeros((0, z, self.grid_size, self.grid_size), dtype=np.float32)
+        return np.concatenate(out) if out else empty
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Continuous latents (N, z_channels, grid, grid) -> (uint8 images (N, S, S, 3), uint16
+        codes (N, grid, grid)). The latents go through the quantizer first, as in Latent
+        Diffusion on VQ models, so a generated image also has its exact code grid."""
+        z = torch.as_tensor(np.asarray(latents, dtype=np.float32))
+        shape = (self.config.z_channels, self.grid_size, self.grid_size)
+        if z.ndim != 4 or tuple(z.shape[1:]) != shape:
+            raise ValueError(f"latents must be (N, {', '.join(map(str, shape))}), got "
+                             f"{tuple(z.shape)}")
+        images, codes = [], []
+        for start in range(0, z.shape[0], self.batch_size):
+            quantized, indices, _ = self.model.quantizer(z[start : start + self.batch_size]
+                                                         .to(self.device))
+            recon = self.model.decode(quantized)
+            images.append(from_unit(recon).permute(0, 2, 3, 1).cpu().numpy())
+            codes.append(indices.cpu().numpy().astype(np.uint16))
+        if not images:
+            s, g = self.image_size, self.grid_size
+            return np.zeros((0, s, s, 3), np.uint8), np.zeros((0, g, g), np.uint16)
+        return np.concatenate(images), np.concatenate(codes)
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        expected = (3, self.image_size, self.image_size)
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise ValueError(
+                f"expected uint8 (N, 3, {self.image_size}, {self.image_size}), got "
+                f"{pixels.dtype} {tuple(pixels.shape)}"
+            )
+
     def reconstruct(self, images: Sequence[ImageInput] | torch.Tensor) -> np.ndarray:
         """decode(encode(images)): uint8 (N, S, S, 3)."""
         return self.decode(self.encode(images))
