@@ -50,13 +50,16 @@ def run_speed_benchmark(
     workers: int | None = None,
     precision: str = "auto",
     upscale_megapixels: float | None = None,
+    cold_repeats: int = 0,
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Measure vqret's indexing images/s, a plain open_clip loop's, and text query latency.
 
     Uses up to `limit` image files under `images` (walk order); with `upscale_megapixels`,
     JPEG copies of them enlarged to that many megapixels (camera-sized photos, made once
-    into a cache folder). Returns a flat JSON-able dict.
+    into a cache folder). With `cold_repeats`, also a cold `vqret search` (a new process)
+    through the ONNX text encoder against the torch path, that many times each, on a store of
+    the first batch of images (benchmarks/cold_query.py). Returns a flat JSON-able dict.
     """
 
     def say(message: str) -> None:
@@ -117,6 +120,18 @@ def run_speed_benchmark(
     with CpuWatch() as text_watch:
         text_ms = _text_latency_ms(embedder)
     say(f"text query: p50 {statistics.median(text_ms):.1f} ms{text_watch.note()}")
+    cold: dict[str, Any] = {}
+    if cold_repeats > 0:
+        import tempfile
+
+        from .cold_query import cold_search_benchmark
+
+        say(f"cold vqret search, ONNX vs torch text path, {cold_repeats} runs each")
+        with tempfile.TemporaryDirectory(prefix="vqret-bench-cold-") as tmp:
+            cold = cold_search_benchmark(
+                embedder, paths[:batch_size], tmp, repeats=cold_repeats,
+                texts=[f"{TEXT_QUERY} number {i}" for i in range(TEXT_CALLS)], log=say,
+            )
 
     # The baseline builds its own model from the registered name (a config file registers
     # under its stem). Free vqret's model first: two ViT copies would only add memory pressure.
@@ -165,6 +180,7 @@ def run_speed_benchmark(
         "other_cpu_pct_vqret": vqret.watch.other_pct,
         "other_cpu_pct_baseline": base.watch.other_pct,
         "other_cpu_pct_text": text_watch.other_pct,
+        **cold,
     }
 
 

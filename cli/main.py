@@ -425,6 +425,11 @@ def bench_speed(
         float | None,
         typer.Option(help="Time JPEG copies enlarged to this many megapixels (e.g. 12)."),
     ] = None,
+    cold_repeats: Annotated[
+        int,
+        typer.Option("--cold-repeats", min=0,
+                     help="Also time a cold `vqret search`, ONNX vs torch, this many runs each."),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Indexing images/s next to a plain open_clip loop, share of the matmul roof; text query
@@ -442,6 +447,7 @@ def bench_speed(
             workers=workers,
             precision=precision,
             upscale_megapixels=upscale,
+            cold_repeats=cold_repeats,
             log=None if as_json else err.print,
         )
     if as_json:

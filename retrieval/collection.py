@@ -51,14 +51,16 @@ class Collection:
         store: Store,
         embedder: Embedder | None = None,
         *,
-        text_encoder: str = "auto",
+        text_encoder: str | None = None,
         one_shot: bool = False,
         **embedder_kwargs: Any,
     ):
         """`text_encoder`: "auto" embeds text queries with the store's exported ONNX text
         tower when it is there and valid (no torch import), else with the model; "torch"
-        always with the model. `one_shot`: this process answers one query and exits (the
-        CLI), so load the ONNX encoder for a fast start rather than fast repeats."""
+        always with the model [default: $VQRET_TEXT_ENCODER, else auto]. `one_shot`: this
+        process answers one query and exits (the CLI), so load the ONNX encoder for a fast
+        start rather than fast repeats."""
+        text_encoder = text_encoder or os.environ.get("VQRET_TEXT_ENCODER") or "auto"
         if text_encoder not in ("auto", "torch"):
             raise ValueError(f"unknown text encoder {text_encoder!r}: use auto or torch")
         self.store = store

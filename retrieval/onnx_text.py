@@ -6,7 +6,7 @@ the first search that finds none) into `<store>/text_encoder/`:
 
     text.onnx, text.onnx.data   the tower, graph-optimised by ONNX Runtime ahead of time, its
                                 weights in a side file that ONNX Runtime maps, not parses
-    tokenizer.json              CLIP's BPE for `tokenizers` (text_tokenizer.py)
+    bpe_merges.txt              CLIP's BPE merge rules, for `tokenizers` (text_tokenizer.py)
     meta.json                   the model it was made from (name, weights id, config hash),
                                 file sizes, and a probe: a text, its token ids and its torch
                                 fp32 embedding
@@ -47,7 +47,7 @@ BUNDLE_DIRNAME = "text_encoder"
 FORMAT_VERSION = 1
 MODEL_FILE = "text.onnx"
 DATA_FILE = "text.onnx.data"
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "bpe_merges.txt"
 META_FILE = "meta.json"
 PROBE_TEXT = "a photo of a red car"
 # ONNX Runtime and torch agree to ~1e-7 per component; anything below this is a broken file.
@@ -130,7 +130,8 @@ class OnnxTextEncoder:
     """Texts -> (N, D) float32 L2-normalised embeddings through ONNX Runtime.
 
     `one_shot` is for a process that answers one query and exits: ONNX Runtime then skips
-    pre-packing the weights (~0.5 s for ViT-B-32 at load, repaid only over many queries).
+    pre-packing the weights (~0.5 s for ViT-B-32 at load, repaid only over many queries),
+    and the tokenizer builds its BPE for the query's words only (text_tokenizer.py).
     """
 
     def __init__(self, store_path: str | os.PathLike, spec: ModelSpec, *, one_shot: bool = False):
@@ -149,7 +150,9 @@ class OnnxTextEncoder:
             raise TextEncoderUnavailable("onnxruntime is not installed") from None
         tok = meta["tokenizer"]
         try:
-            self.tokenizer = ClipTokenizer.from_file(folder / TOKENIZER_FILE, tok["context_length"])
+            self.tokenizer = ClipTokenizer.from_file(
+                folder / TOKENIZER_FILE, tok["context_length"], one_shot=one_shot
+            )
         except Exception as e:  # noqa: BLE001 - any parse error means a damaged file
             raise TextEncoderUnavailable(f"{folder / TOKENIZER_FILE}: {e}", rebuild=True) from None
         probe = meta["probe"]
