@@ -19,7 +19,7 @@ from vqret.cli.tokenizer import _clean_errors, open_store
 THRESHOLD = 0.95
 CODES_THRESHOLD = 0.25
 BANDS = 32
-MAX_BUCKET = 64
+MAX_BUCKET = 16
 
 out = Console()
 err = Console(stderr=True)
@@ -60,8 +60,8 @@ def dupes(
     ] = BANDS,
     max_bucket: Annotated[
         int,
-        typer.Option("--max-bucket", min=2, help="Skip a band's buckets larger than this "
-                     "(codes many images share, e.g. flat backgrounds)."),
+        typer.Option("--max-bucket", min=2, help="Split a band's buckets larger than this "
+                     "by more positions (codes many images share, e.g. flat backgrounds)."),
     ] = MAX_BUCKET,
     as_json: Annotated[
         bool,

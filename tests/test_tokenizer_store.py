@@ -243,6 +243,29 @@ def test_search_is_unchanged_by_encode_and_the_index_is_not_touched(photos, embe
     assert [h.path for h in hits].count(target) == 1 and hits[0].path == target
 
 
+def test_encode_takes_the_writer_lock_like_index(photos):
+    store = Store(photos / ".vqret")
+    with store.writer():  # a `vqret index` is running
+        one_line_error(invoke("tokenizer", "encode", "--store", str(photos)),
+                       "is writing to this store", "--wait")
+    assert all(r["codes"] is None for r in rows_of(photos).values())
+    # and while encode holds it, an indexer can't start
+    col = Collection(store)
+    started = {}
+
+    def on_progress(done: int, total: int) -> None:
+        if "locked" not in started:
+            from vqret.retrieval.store import StoreLockedError
+
+            with pytest.raises(StoreLockedError):
+                Store(store.path).writer()
+            started["locked"] = True
+
+    assert col.encode_codes(on_progress=on_progress).encoded == N_IMAGES
+    assert started == {"locked": True}
+    Store(store.path).writer().close()  # released afterwards
+
+
 def test_update_columns_sets_values_by_id_and_keeps_vectors(tmp_path):
     spec = ModelSpec(model="m", pretrained="none", weights_id="none", embed_dim=4)
     (tmp_path / "p").mkdir()
@@ -363,11 +386,20 @@ def test_lsh_candidates_find_pairs_that_share_a_third_of_their_codes():
     assert found >= 27  # 1 - (1 - 0.3^2)^32 = 0.95 at the lowest share
     assert len(pairs) < 3000 * 2999 / 2 / 1000  # a few random collisions, not all pairs
 
-    # a code everybody has (a flat background) makes huge buckets: skipped, not paired
-    flat = np.zeros((500, 16), np.uint16)
-    assert len(candidate_pairs(flat, max_bucket=64)) == 0
-    flat[1] = flat[0] = 7  # two images that are the same: their buckets are small
-    assert candidate_pairs(flat, max_bucket=64).tolist() == [[0, 1]]
+    # 500 identical grids: one cluster, found with a chain of pairs, not all 124,750 of them
+    same = np.zeros((500, 16), np.uint16)
+    chain = candidate_pairs(same)
+    assert len(chain) <= 500 * 4
+    assert dupes_lib._components(500, chain) == [list(range(500))]
+    same[1] = same[0] = 7  # two others, alike: a small bucket of their own
+    assert [0, 1] in candidate_pairs(same).tolist()
+
+    # a shared flat background (200 of 256 positions): big buckets are split by more
+    # positions, so the images aren't all paired with each other
+    background = rng.integers(0, 1024, size=(2000, 256)).astype(np.uint16)
+    background[:, :200] = 0
+    pairs = candidate_pairs(background)
+    assert len(pairs) < 2000 * 1999 / 2 / 20
 
 
 def test_cli_defaults_are_the_library_defaults():

@@ -5,9 +5,11 @@
    agree on all positions of some band fall in the same bucket and become candidate pairs.
    Two grids that agree on a fraction p of their positions share a band with probability
    1 - (1 - p^band_size)^bands: with the defaults (32 bands of 2 positions) 0.94 at p = 0.3
-   and > 0.9999 at p = 0.5. Buckets of more than `max_bucket` images are skipped: they
-   are codes that many images share (flat backgrounds), not evidence of a copy; the pair
-   still meets in its other bands.
+   and > 0.9999 at p = 0.5. A bucket of more than `max_bucket` images (codes that many
+   images share, e.g. flat backgrounds) is split by `band_size` more positions, up to
+   `depth` times; one that is still too large (a big cluster of copies agreeing on 10
+   positions) pairs each member with its next `window` members instead of with all.
+   So the candidates stay O(N * bands * max_bucket) whatever the data.
 2. Confirmation: a pair is a duplicate when at least `codes_threshold` of its grid positions
    hold the same code and the cosine similarity of its embeddings is at least `threshold`.
 3. Groups: connected components of the confirmed pairs (union-find).
@@ -33,7 +35,9 @@ THRESHOLD = 0.95  # embedding cosine similarity
 CODES_THRESHOLD = 0.25  # fraction of grid positions with the same code
 BANDS = 32
 BAND_SIZE = 2
-MAX_BUCKET = 64
+MAX_BUCKET = 16  # larger buckets are split by more positions, DEPTH times at most
+DEPTH = 4
+WINDOW = 4  # a bucket still too large: each member is paired with its next WINDOW members
 
 
 @dataclass
@@ -80,6 +84,8 @@ def candidate_pairs(
     bands: int = BANDS,
     band_size: int = BAND_SIZE,
     max_bucket: int = MAX_BUCKET,
+    depth: int = DEPTH,
+    window: int = WINDOW,
     seed: int = 0,
 ) -> np.ndarray:
     """Pairs (i < j) of rows of `codes` (N, L) that agree on every position of some band:
@@ -88,11 +94,12 @@ def candidate_pairs(
     if n < 2 or length == 0:
         return np.zeros((0, 2), np.int64)
     rng = np.random.default_rng(seed)
-    found = []
-    for _ in range(bands):
-        positions = rng.choice(length, size=min(band_size, length), replace=False)
-        _, bucket = np.unique(codes[:, positions], axis=0, return_inverse=True)
-        found.append(_pairs_in_buckets(bucket.reshape(-1), max_bucket))
+    size = min(band_size, length)
+    found = [
+        _band_pairs(codes, lambda: rng.choice(length, size=size, replace=False), max_bucket,
+                    depth, window)
+        for _ in range(bands)
+    ]
     pairs = np.concatenate(found)
     if not len(pairs):
         return pairs
@@ -100,11 +107,43 @@ def candidate_pairs(
     return np.stack([keys // n, keys % n], axis=1)
 
 
-def _pairs_in_buckets(bucket: np.ndarray, max_bucket: int) -> np.ndarray:
-    """All (i < j) with bucket[i] == bucket[j], buckets of 2..max_bucket members only,
+def _band_pairs(codes, draw_positions, max_bucket: int, depth: int, window: int) -> np.ndarray:
+    """One band: buckets of rows with equal codes at the drawn positions. A bucket larger
+    than max_bucket is split by more positions (up to `depth` times: codes many images
+    share, like flat backgrounds, stop matching); one still too large (a big cluster of
+    near-copies) pairs each member with its next `window` members only."""
+    rows = np.arange(len(codes))
+    keys = _row_keys(codes[:, draw_positions()])
+    out = []
+    for level in range(depth + 1):
+        sizes = np.bincount(keys)
+        out.append(rows[_pairs_in_buckets(keys, sizes, max_bucket)])
+        big = sizes[keys] > max_bucket
+        if not big.any():
+            break
+        rows, keys = rows[big], keys[big]
+        if level == depth:
+            out.append(rows[_window_pairs(keys, window)])
+            break
+        more = _row_keys(codes[np.ix_(rows, draw_positions())])
+        keys = np.unique(keys * (int(more.max()) + 1) + more, return_inverse=True)[1]
+    return np.concatenate(out)
+
+
+def _row_keys(sub: np.ndarray) -> np.ndarray:
+    """Dense int64 ids of the rows of `sub` (N, k): equal rows get equal ids."""
+    if sub.shape[1] <= 3:  # pack up to three uint16 codes into one int64: a 1-D unique
+        packed = np.zeros(len(sub), np.int64)
+        for k in range(sub.shape[1]):
+            packed |= sub[:, k].astype(np.int64) << (16 * k)
+        return np.unique(packed, return_inverse=True)[1].reshape(-1)
+    return np.unique(sub, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def _pairs_in_buckets(bucket: np.ndarray, sizes: np.ndarray, max_bucket: int) -> np.ndarray:
+    """All (i < j) with bucket[i] == bucket[j], in buckets of 2..max_bucket members,
     vectorised per bucket size (no Python loop over buckets)."""
     order = np.argsort(bucket, kind="stable")
-    sizes = np.bincount(bucket)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     out = []
     for m in np.unique(sizes):
@@ -115,6 +154,17 @@ def _pairs_in_buckets(bucket: np.ndarray, max_bucket: int) -> np.ndarray:
         left = order[first[:, None] + a[None, :]].reshape(-1)
         right = order[first[:, None] + b[None, :]].reshape(-1)
         out.append(np.stack([np.minimum(left, right), np.maximum(left, right)], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+
+def _window_pairs(bucket: np.ndarray, window: int) -> np.ndarray:
+    """(i < j) for each member and its next `window` members of the same bucket."""
+    order = np.argsort(bucket, kind="stable")
+    out = []
+    for offset in range(1, window + 1):
+        i, j = order[:-offset], order[offset:]
+        same = bucket[i] == bucket[j]
+        out.append(np.stack([np.minimum(i, j)[same], np.maximum(i, j)[same]], axis=1))
     return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 
