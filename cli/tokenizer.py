@@ -271,8 +271,10 @@ def encode_command(
         float, typer.Option(help="Seconds to wait for another writer of the store.")
     ] = 0.0,
     commit_every: Annotated[
-        int, typer.Option("--commit-every", min=1, help="Commit after this many encoded images.")
-    ] = 4096,
+        int,
+        typer.Option("--commit-every", min=1, help="Commit after this many encoded images "
+                     "(and every 30 s)."),
+    ] = 65536,
     as_json: Annotated[
         bool,
         typer.Option(

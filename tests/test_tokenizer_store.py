@@ -266,6 +266,23 @@ def test_encode_takes_the_writer_lock_like_index(photos):
     Store(store.path).writer().close()  # released afterwards
 
 
+def test_a_killed_encode_keeps_its_commits_and_the_next_run_resumes(photos):
+    store = Store(photos / ".vqret")
+    tok = Tokenizer.load(store.path / "tokenizer", device="cpu", batch_size=8)
+    from vqret.tokenizer.store_codes import encode_store
+
+    def kill_at_24(done: int, total: int) -> None:
+        if done >= 24:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        encode_store(store, tok, commit_every=16, on_progress=kill_at_24)
+    rows = rows_of(photos)
+    assert sum(r["codes"] is not None for r in rows.values()) == 16  # one commit of 16
+    resumed = encode_store(Store(store.path), tok)  # the lock was released
+    assert (resumed.encoded, resumed.skipped) == (N_IMAGES - 16, 16)
+
+
 def test_update_columns_sets_values_by_id_and_keeps_vectors(tmp_path):
     spec = ModelSpec(model="m", pretrained="none", weights_id="none", embed_dim=4)
     (tmp_path / "p").mkdir()

@@ -9,7 +9,7 @@ Encoding is incremental like `vqret index`: rows that already hold codes from th
 are skipped, so a run after `vqret index` only encodes new and modified files (the indexer
 keeps codes on renames and copies, and drops them when a file's content changes). Rows are
 updated in place through `StoreWriter.update_columns` under the store's writer lock, in
-commits every few thousand rows, so a killed run keeps what it committed and the search
+commits every 30 s (or 65,536 rows), so a killed run keeps what it committed and the search
 index is never touched (the embeddings don't change).
 """
 
@@ -45,8 +45,11 @@ __all__ = [
 
 # The store's own tokenizer: `vqret tokenizer train --store S` writes it here by default.
 TOKENIZER_DIRNAME = "tokenizer"
-COMMIT_ROWS = 4096
+# A commit rewrites the parts holding the rows (~5 s for a 100k-row part of 512-d rows):
+# commit at most this often, and never spend more than a sixth of the run committing.
+COMMIT_ROWS = 65536
 COMMIT_SECONDS = 30.0
+COMMIT_SHARE = 5.0  # wait at least this many times the last commit's cost between commits
 
 ProgressCallback = Callable[[int, int], None]  # (rows done, rows to encode)
 
@@ -145,11 +148,13 @@ def encode_store(
         pending_ids: list[int] = []
         pending_codes: list[np.ndarray] = []
         last_commit = time.monotonic()
+        commit_cost = 0.0
 
         def flush() -> None:
-            nonlocal last_commit
+            nonlocal last_commit, commit_cost
             if not pending_ids:
                 return
+            began = time.monotonic()
             flat = np.concatenate(pending_codes).reshape(len(pending_ids), g * g)
             update = pa.table(
                 {
@@ -165,6 +170,7 @@ def encode_store(
             pending_ids.clear()
             pending_codes.clear()
             last_commit = time.monotonic()
+            commit_cost = last_commit - began
 
         def load(path: str) -> np.ndarray | str:
             try:
@@ -201,7 +207,8 @@ def encode_store(
                     report.encoded += len(kept)
                 if on_progress:
                     on_progress(min(start + batch, total), total)
-                due = time.monotonic() - last_commit > commit_seconds
+                since = time.monotonic() - last_commit
+                due = since > max(commit_seconds, COMMIT_SHARE * commit_cost)
                 if len(pending_ids) >= commit_every or due:
                     flush()
         flush()
