@@ -202,8 +202,6 @@ def _train(store, out, tok, preset, overrides, steps, minutes, batch_size, lr, s
     info.extra.update(images=n, loss=mean_loss if mean_loss is not None
                       else info.extra.get("loss"))
     save()
-    say(f"step {info.step}, loss {mean_loss if mean_loss is None else round(mean_loss, 4)} "
-        f"-> {out}")
     return TrainResult(out, info.step, info.train_seconds, mean_loss, n, scale, resumed_from)
 
 

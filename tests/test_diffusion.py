@@ -138,7 +138,8 @@ def test_bad_configs_fail_at_construction(overrides, message):
 def test_presets_match_the_paper_sizes():
     sizes = {}
     for name in ("gpu-s", "gpu-b"):
-        model = create_model(name, latent_channels=4, latent_size=32, cond_dim=768)
+        with torch.device("meta"):  # shapes only: no memory, no init time
+            model = create_model(name, latent_channels=4, latent_size=32, cond_dim=768)
         sizes[name] = sum(p.numel() for p in model.parameters()) / 1e6
     # DiT-S/2 33M and DiT-B/2 130M (class embedding table vs our CLIP MLP: within a few %)
     assert 31 < sizes["gpu-s"] < 35
@@ -248,6 +249,25 @@ def test_generate_from_an_embedding_and_bad_options(generator):
         generator.generate("a red circle", prior_blend=2.0)
 
 
+def test_a_model_refuses_another_tokenizer_or_clip(store_path, tmp_path):
+    from vqret.diffusion.generate import Generator
+    from vqret.tokenizer.checkpoint import load_checkpoint as load_tokenizer
+    from vqret.tokenizer.checkpoint import save_checkpoint as save_tokenizer
+
+    other = load_tokenizer(FIXTURE / "tokenizer")
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    save_tokenizer(other, tmp_path / "other-tokenizer")
+    with pytest.raises(ValueError, match="is not the .* the diffusion model was trained with"):
+        Generator.load(store_path, tokenizer=tmp_path / "other-tokenizer", device="cpu")
+    info = read_info(FIXTURE / "diffusion")
+    info.clip["weights_id"] = "sha256:another-model"
+    model, _ = load_checkpoint(FIXTURE / "diffusion")
+    save_checkpoint(model, info, tmp_path / "other-dit")
+    with pytest.raises(ValueError, match="was trained on embeddings of"):
+        Generator.load(store_path, model=tmp_path / "other-dit", device="cpu")
+
+
 def test_python_api_generate(store_path, tmp_path):
     import vqret
 
@@ -313,6 +333,10 @@ def test_no_model_means_no_fallback_and_captions_calibrate(tmp_path, embedder):
     assert search_fallback(col, FAR_QUERY, results, "auto", None, None) is None
     with pytest.raises(ValueError, match="needs a diffusion model"):
         search_fallback(col, FAR_QUERY, results, "always", None, None)
+    from vqret.diffusion.generate import Generator
+
+    with pytest.raises(ValueError, match="no diffusion model here"):
+        Generator.load(col)
 
     probes = calibrate(col)
     assert (probes.method, probes.samples) == ("probes", len(PROBES))
