@@ -72,7 +72,9 @@ class GeneratedImages:
         return [
             {"path": str(paths[i]) if paths else None, "seed": self.seeds[i],
              "clip_score": round(float(self.scores[i]), 6), "prompt": self.prompt,
-             "codes_shape": list(self.codes.shape[1:]), **self.settings}
+             "codes_shape": list(self.codes.shape[1:]),
+             "codes": self.codes[i].reshape(-1).tolist(),  # row-major, as the store keeps them
+             **self.settings}
             for i in range(len(self))
         ]
 

@@ -207,6 +207,7 @@ def test_generate_cli_draws_the_prompted_colour(store_path, tmp_path):
     colours = [dominant_colour(np.asarray(Image.open(r["path"]).convert("RGB"))) for r in rows]
     assert colours.count("red") >= 6, colours
     assert all(r["codes_shape"] == [8, 8] and -1 <= r["clip_score"] <= 1 for r in rows)
+    assert all(len(r["codes"]) == 64 and max(r["codes"]) < 64 for r in rows)
 
 
 def test_colour_follows_the_prompt(generator):
@@ -233,6 +234,8 @@ def test_a_seeded_run_is_reproducible(generator):
     b = generator.generate("a yellow star", n=2, steps=10, seed=5)
     c = generator.generate("a yellow star", n=1, steps=10, seed=6)
     assert np.array_equal(a.images, b.images) and np.array_equal(a.codes, b.codes)
+    # the picture is exactly what its codes decode to: it can be stored like any other
+    assert np.array_equal(generator.tokenizer.decode(a.codes), a.images)
     assert np.array_equal(a.images[1], c.images[0])  # image i uses seed + i, whatever n
     assert not np.array_equal(a.images[0], c.images[0])
 
