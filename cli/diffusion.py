@@ -191,7 +191,9 @@ def generate_command(
     with _clean_errors():
         from vqret.diffusion.generate import Generator, output_paths
 
-        output_paths(output, n)  # a bad output name fails before any model is loaded
+        output_paths(output, n)  # bad options fail before any model is loaded
+        if solver not in ("euler", "heun"):
+            raise ValueError(f"--solver must be euler or heun, got {solver!r}")
         generator = Generator.load(store, model=model, tokenizer=tokenizer, device=device)
         images = generator.generate(prompt, n=n, steps=steps, guidance=guidance, seed=seed,
                                     prior_k=prior_k, prior_blend=prior_blend, solver=solver)

@@ -31,7 +31,7 @@ from vqret.retrieval.collection import Collection
 from vqret.tokenizer.api import Tokenizer
 
 from .checkpoint import CheckpointInfo, load_checkpoint
-from .flow import sample
+from .flow import SOLVERS, sample
 from .model import DiT
 from .paths import diffusion_path, store_tokenizer_path
 
@@ -176,6 +176,9 @@ class Generator:
             raise ValueError(f"n must be >= 1, got {n}")
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
+        if steps < 1 or solver not in SOLVERS:
+            raise ValueError(f"steps must be >= 1 and solver one of {SOLVERS}, got {steps}, "
+                             f"{solver!r}")
         if text is not None:
             target = self.collection.query_embedding(text=text)
             cond = self.prior(target, prior_k, prior_blend)

@@ -250,6 +250,12 @@ def test_generate_from_an_embedding_and_bad_options(generator):
         generator.generate(embedding=np.ones(7, np.float32))
     with pytest.raises(ValueError, match="prior_blend"):
         generator.generate("a red circle", prior_blend=2.0)
+    with pytest.raises(ValueError, match="solver"):
+        generator.generate("a red circle", solver="rk4")
+    from vqret.diffusion.generate import output_paths
+
+    with pytest.raises(ValueError, match="must be a .png file"):
+        output_paths("out.jpg", 2)
 
 
 def test_a_model_refuses_another_tokenizer_or_clip(store_path, tmp_path):
