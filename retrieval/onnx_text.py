@@ -44,7 +44,7 @@ from .text_tokenizer import ClipTokenizer
 log = logging.getLogger(__name__)
 
 BUNDLE_DIRNAME = "text_encoder"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: BPE merge rules in a text file
 MODEL_FILE = "text.onnx"
 DATA_FILE = "text.onnx.data"
 TOKENIZER_FILE = "bpe_merges.txt"
@@ -164,6 +164,8 @@ class OnnxTextEncoder:
         options.log_severity_level = 3
         if one_shot:
             options.add_session_config_entry("session.disable_prepacking", "1")
+            # idle worker threads spin-wait for the next run, which never comes
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"]

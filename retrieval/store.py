@@ -30,10 +30,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .lazy_import import lazy_import
 from .model_spec import ModelSpec
+
+# ~0.1 s to import, and only writers and id look-ups use it: not a cold `vqret search`.
+pc = lazy_import("pyarrow.compute")
 
 SCHEMA_VERSION = 1
 STORE_DIRNAME = ".vqret"

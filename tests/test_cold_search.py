@@ -261,3 +261,13 @@ def test_cold_search_benchmark_compares_both_paths(store: Path) -> None:
     assert result["cold_search_speedup"] == pytest.approx(
         result["cold_search_torch_s"] / result["cold_search_onnx_s"], rel=0.02
     )
+
+
+def test_the_torch_path_can_be_asked_for(store: Path, monkeypatch) -> None:
+    monkeypatch.setenv("VQRET_TEXT_ENCODER", "torch")
+    col = Collection.open(store, device="cpu")
+    hits = col.search(text=caption("purple", "square"), k=3)
+    assert col.text_path_reason == "the model is loaded or asked for"
+    assert col._embedder is not None and len(hits) == 3
+    with pytest.raises(ValueError, match="unknown text encoder"):
+        Collection.open(store, text_encoder="tensorflow")
