@@ -340,3 +340,12 @@ def test_re_ranked_index_round_trips_and_updates_in_place(clustered, tmp_path):
     keep_ids, keep_vectors = store.vectors()
     truth = keep_ids[exact_neighbours(keep_vectors, queries)]
     assert ann.recall_vs_exact(found, truth) >= 0.9
+
+
+def test_opq_behind_the_re_ranking_stage_gets_the_short_training():
+    plan = ann.plan_index(100_000, 512, "ivfpq", memory=1 << 40)
+    assert plan.factory.startswith("OPQ") and plan.refine
+    index = ann.new_index(plan, 512)  # held: the inner proxies don't own their objects
+    pre = faiss.downcast_index(ann.refine_of(index).base_index)
+    opq = faiss.downcast_VectorTransform(pre.chain.at(0))
+    assert (opq.niter, opq.max_train_points) == (ann.OPQ_NITER, ann.OPQ_TRAIN_POINTS)
