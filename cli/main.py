@@ -77,7 +77,13 @@ def clean_errors():
 
 @app.command()
 def index(
-    folder: Annotated[Path, typer.Argument(help="Folder of images to index (recursively).")],
+    folder: Annotated[
+        str,
+        typer.Argument(
+            help="Folder of images to index (recursively), or an fsspec URL "
+            "(s3://bucket/prefix, gs://..., file://...) with --store LOCAL_DIR."
+        ),
+    ],
     store: StoreOpt = None,
     model: Annotated[
         str | None,
@@ -146,7 +152,9 @@ def index(
                 require_ray()  # before loading any model: the install hint, in one line
             except RayUnavailableError as e:
                 fail(str(e))
-        if not folder.is_dir():
+        from vqret.retrieval.urls import is_url
+
+        if not is_url(folder) and not Path(folder).is_dir():
             fail(f"{folder}: not a folder")
         collection = Collection.create(
             folder,
@@ -196,7 +204,7 @@ def index(
         _print_summary(report, collection)
 
 
-def _run_index(collection, folder: Path, options: dict, show_progress: bool, quiet: bool):
+def _run_index(collection, folder: str, options: dict, show_progress: bool, quiet: bool):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

@@ -115,10 +115,20 @@ class Collection:
         one its own model. An existing store made with another model is refused unless
         `rebuild` is set.
         """
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise StoreError(f"{folder}: not a folder")
-        path = Path(store) if store is not None else folder / STORE_DIRNAME
+        from .remote import check_local_store, is_url, normalise
+
+        check_local_store(store)
+        if is_url(folder):
+            # remote images, local store: no folder of ours to put `.vqret` in
+            folder = normalise(str(folder))
+            if store is None:
+                raise StoreError(f"{folder}: indexing a URL needs --store LOCAL_DIR")
+            path = Path(store)
+        else:
+            folder = Path(folder)
+            if not folder.is_dir():
+                raise StoreError(f"{folder}: not a folder")
+            path = Path(store) if store is not None else folder / STORE_DIRNAME
         existing = Store(path) if (path / "manifest.json").is_file() else None
         if existing is not None and rebuild:
             _remove_store(path)
@@ -142,9 +152,10 @@ class Collection:
                 f"{embedder.spec.model} ({embedder.spec.weights_id}); pass --rebuild to "
                 "start over with the new model"
             )
-        if existing.root != folder.resolve():
+        wanted = folder if isinstance(folder, str) else str(folder.resolve())
+        if existing.source != wanted:
             raise StoreError(
-                f"{path} indexes {existing.root}, not {folder.resolve()}; use another "
+                f"{path} indexes {existing.source}, not {wanted}; use another "
                 "--store for this folder"
             )
         return cls(existing, embedder)
@@ -163,7 +174,7 @@ class Collection:
         """Index the store's folder (or `folder`) incrementally; returns an IndexReport."""
         from .indexer import index_folder
 
-        return index_folder(self.store, self.embedder, Path(folder or self.store.root), **kwargs)
+        return index_folder(self.store, self.embedder, folder or self.store.source, **kwargs)
 
     def index_texts(self, file: str | os.PathLike, *, wait: float = 0) -> dict[str, Any]:
         """Add the texts of a CSV/JSONL file (`text` or `caption`, optional `image` column) to
@@ -372,16 +383,18 @@ class Collection:
             self._lookups[table] = {r["id"]: r for r in rows}
         return self._lookups[table]
 
-    def resolve(self, result: SearchResult | str) -> Path:
-        """The file on disk for a result (or a stored path)."""
+    def resolve(self, result: SearchResult | str) -> Path | str:
+        """The file on disk for a result (or a stored path); its URL in a store of URLs."""
         path = result.path if isinstance(result, SearchResult) else result
+        if self.store.root_url is not None:
+            return path  # rows of remote images keep their full URL
         return self.store.root / path
 
     def info(self) -> dict[str, Any]:
         m = self.store.manifest
         return {
             "store": str(self.store.path),
-            "root": str(self.store.root),
+            "root": self.store.source,
             "images": len(self.store),
             "model": m["model"]["model"],
             "pretrained": m["model"]["weights_id"],
@@ -406,7 +419,7 @@ class Collection:
         plan = meta.get("plan", {})
         facts = {k: plan.get(k) for k in (
             "kind", "factory", "params", "recall_at_10", "query_ms", "bytes_per_vector",
-            "reason", "rebuild_rule",
+            "reason", "rebuild_rule", "refine",
         )}
         facts["up_to_date"] = meta.get("generation") == self.store.table_generation()
         return facts

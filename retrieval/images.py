@@ -16,6 +16,8 @@ from typing import BinaryIO
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .urls import is_url
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
@@ -129,6 +131,15 @@ def _register_heif() -> None:
         pillow_heif.register_avif_opener()  # pillow-heif < 1.0 only
 
 
+def _open_url(url: str, name: str) -> BinaryIO:
+    from .remote import open_url  # fsspec, imported only when a URL is opened
+
+    try:
+        return open_url(url)
+    except Exception as err:  # noqa: BLE001 - FileNotFoundError, botocore's, a missing s3fs...
+        raise ImageLoadError(name, f"unreadable ({_first_line(err)})") from err
+
+
 def _source_name(source: object) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fsdecode(source)
@@ -143,6 +154,8 @@ def _open_source(source: object, name: str) -> BinaryIO:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(source)
     if isinstance(source, (str, os.PathLike)):
+        if isinstance(source, str) and is_url(source):
+            return _open_url(source, name)
         try:
             return open(source, "rb")
         except OSError as err:

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from .embedder import Embedder
 from .index import update_after_write
+from .remote import FsspecSource, is_url
 from .store import (
     IMAGES,
     TEXTS,
@@ -121,7 +122,7 @@ class Indexer:
         # the Ray engine's ray_update_after_write, which builds big IVF indexes in parallel.
         self.index_updater = index_updater
         # Where files are listed, hashed and read when not in the local folder: an object with
-        # walk(on_error), hash(relpath) and path(relpath), e.g. ray_engine.FsspecSource.
+        # walk(on_error), hash(relpath) and path(relpath), e.g. remote.FsspecSource.
         self.source = source
         self.report = IndexReport()
         self._planned: dict[int, str] = {}  # row id -> "added" | "updated", for the counts
@@ -373,9 +374,14 @@ def index_folder(
     wait: float = 0,
     **kwargs: Any,
 ) -> IndexReport:
-    """Index `folder` into `store` (incrementally) and rebuild its search index."""
+    """Index `folder` into `store` (incrementally) and rebuild its search index.
+
+    `folder` may be an fsspec URL (s3://bucket/prefix, ...): its objects are listed, hashed
+    and read through fsspec, and their rows keep the full URL as their path."""
+    if is_url(folder):
+        kwargs.setdefault("source", FsspecSource(str(folder)))
     with store.writer(wait) as writer:
-        return Indexer(store, embedder, Path(folder), **kwargs).run(writer)
+        return Indexer(store, embedder, Path(str(folder)), **kwargs).run(writer)
 
 
 __all__ = ["IndexReport", "Indexer", "index_folder", "file_hash", "embeddings_from_arrow"]

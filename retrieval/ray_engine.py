@@ -23,16 +23,12 @@ level, so the CLI can import this module to say how to install it.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +36,12 @@ import numpy as np
 
 from . import ann
 from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
-from .images import IMAGE_EXTENSIONS
 from .index import index_files, load_saved, read_meta, save_index, update_index
-from .indexer import Indexer, IndexReport
+from .indexer import IndexReport, index_folder
+from .remote import FsspecSource, is_url  # noqa: F401 - FsspecSource: re-exported
+from .remote import read_bytes as _read_bytes
+from .remote import version_ns as _version_ns  # noqa: F401 - the name tests and notes use
 from .store import IMAGES, Store, StoreWriter, embeddings_from_arrow, write_atomic
-from .walk import SKIPPED_DIRS, FileEntry
 
 log = logging.getLogger(__name__)
 
@@ -90,111 +87,6 @@ def connect(address: str | None = None) -> bool:
         log_to_driver=True,
     )
     return True
-
-
-# --------------------------------------------------------------------------------------------
-# Sources: a local folder, or an fsspec URL
-# --------------------------------------------------------------------------------------------
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    return "://" in os.fspath(path)
-
-
-def _read_bytes(url: str) -> bytes:
-    import fsspec
-
-    with fsspec.open(url, "rb") as f:
-        return f.read()
-
-
-@dataclass
-class FsspecSource:
-    """Images under an fsspec URL (s3://bucket/photos, gs://..., file:///...).
-
-    The three things the Indexer does with a folder, over fsspec: list the files with size
-    and modification time (`walk`, one `fs.find(detail=True)`: a paged LIST, no per-file
-    request), hash a file's content (`hash`) and name it for the workers (`path`: a URL they
-    open with fsspec). Wiring it into the Indexer needs the `source` hook described in the
-    README ("Remote folders"); `RayEmbedder` already reads URLs.
-    """
-
-    url: str
-
-    def __post_init__(self) -> None:
-        import fsspec
-
-        self.fs, root = fsspec.core.url_to_fs(self.url)
-        self.root = root.rstrip("/")
-        self.protocol = self.url.split("://", 1)[0]
-
-    def walk(self, on_error: Callable[[str, str], None] | None = None) -> Iterator[FileEntry]:
-        """Image files under the URL in name order, skipped like `walk_images` skips."""
-        try:
-            found = self.fs.find(self.root, withdirs=False, detail=True)
-        except OSError as e:
-            raise OSError(f"{self.url}: can't list ({e})") from e
-        for full in sorted(found):
-            rel = full[len(self.root) :].lstrip("/")
-            names = rel.split("/")
-            if any(n.startswith(".") or n.lower() in SKIPPED_DIRS for n in names):
-                continue
-            if Path(rel).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            info = found[full]
-            try:
-                yield FileEntry(rel, int(info["size"]), _version_ns(info))
-            except (KeyError, TypeError, ValueError) as e:
-                if on_error is not None:
-                    on_error(rel, f"unreadable listing entry ({e})")
-
-    def hash(self, relpath: str, chunk: int = 1 << 20) -> str:
-        """blake2b-128 of the content, streamed: the same digest `file_hash` gives locally."""
-        digest = hashlib.blake2b(digest_size=16)
-        try:
-            with self.fs.open(f"{self.root}/{relpath}", "rb") as f:
-                while block := f.read(chunk):
-                    digest.update(block)
-        except OSError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the Indexer reports OSErrors per file
-            raise OSError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
-        return digest.hexdigest()
-
-    def path(self, relpath: str) -> str:
-        return f"{self.protocol}://{self.root}/{relpath}"
-
-
-def _version_ns(info: dict[str, Any]) -> int:
-    """A file's modification time in ns from an fsspec listing entry.
-
-    Object stores name it differently (s3fs LastModified, gcsfs updated, adlfs last_modified,
-    local mtime). Where a listing has none, a digest of its ETag / checksum stands in: the
-    Indexer only asks "same size and same stamp?", and a changed object changes its ETag.
-    With neither, the time of this run: never "unchanged" by stamp, so the content hash
-    decides (every file is read each run, but a change is never missed).
-    """
-    from datetime import datetime
-
-    def as_ns(value: Any) -> int | None:
-        if isinstance(value, int | float):
-            return int(value * 1e9)
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        if isinstance(value, datetime):
-            return int(value.timestamp() * 1e9)
-        return None
-
-    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
-        if info.get(key) is not None and (ns := as_ns(info[key])) is not None:
-            return ns
-    for key in ("ETag", "etag", "md5Hash", "crc32c", "content_md5"):
-        if info.get(key):
-            digest = hashlib.blake2b(str(info[key]).encode(), digest_size=8).digest()
-            return int.from_bytes(digest, "big") >> 1  # int64, like a real mtime_ns
-    if info.get("created") is not None and (ns := as_ns(info["created"])) is not None:
-        return ns  # an object store's overwrite is a new object, with a new creation time
-    return time.time_ns()
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,8 +351,8 @@ def index_folder_with_ray(
 
     Everything but the model step is the local engine's `Indexer`; `indexer_kwargs` are its
     options (commit_every, on_progress, on_failure, index_kind, ...). `folder` may be an
-    fsspec URL where the Indexer has its `source` hook. Ray is shut down at the end only if
-    this call started it.
+    fsspec URL (rows then keep each object's URL). Ray is shut down at the end only if this
+    call started it.
     """
     require_ray()
     embedder = RayEmbedder(
@@ -472,19 +364,11 @@ def index_folder_with_ray(
         precision=precision,
         text_embedder=text_embedder,
     )
-    hooks = inspect.signature(Indexer.__init__).parameters
-    # The Indexer's hooks, where indexer.py has them (README, "Scaling out with Ray"): big
-    # collections then build their IVF index in parallel tasks too, and URLs are listed and
-    # hashed through fsspec. Without them the index is built in-process and URLs refused.
-    if "index_updater" in hooks:
-        indexer_kwargs.setdefault("index_updater", ray_update_after_write)
-    if is_url(folder):
-        if "source" not in hooks:
-            raise ValueError(f"{folder}: indexing a URL needs the Indexer's `source` hook")
-        indexer_kwargs.setdefault("source", FsspecSource(str(folder)))
+    # Big collections build their IVF index in parallel tasks too; a URL is listed and
+    # hashed through fsspec on the driver (index_folder gives the Indexer its source).
+    indexer_kwargs.setdefault("index_updater", ray_update_after_write)
     try:
-        with store.writer(wait) as writer:
-            return Indexer(store, embedder, Path(str(folder)), **indexer_kwargs).run(writer)
+        return index_folder(store, embedder, folder, wait=wait, **indexer_kwargs)
     finally:
         embedder.close()
 
@@ -632,7 +516,9 @@ def build_sharded_index(
     dim = store.dim
     paths = [str(store.path / table / name) for name in store.parts(table)]
     n = sum(_part_rows(Path(p)) for p in paths)
-    plan = ann.plan_index(n, dim, kind, memory)
+    # No exact re-ranking for sharded PQ builds: IndexRefine addresses its float32 vectors by
+    # position, and the shards' positions would have to be renumbered while merging.
+    plan = ann.plan_index(n, dim, kind, memory, refine=False)
     if plan.kind not in ("ivf", "ivfpq"):
         raise ValueError(
             f"sharded building makes IVF indexes (ivf, ivfpq); {n} rows with --index {kind} "
@@ -795,7 +681,7 @@ def ray_update_index(
     meta = read_meta(store, table)
     asked = kind or (meta or {}).get("asked", "auto")
     n = store.count(table)
-    plan = ann.plan_index(n, store.dim, asked, memory)
+    plan = ann.plan_index(n, store.dim, asked, memory, refine=False)
     if table != IMAGES or n < sharded_above or plan.kind not in ("ivf", "ivfpq"):
         return update_index(
             store,

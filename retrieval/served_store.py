@@ -39,7 +39,11 @@ class Row:
 
 
 def store_name(collection: Collection) -> str:
-    """A store's default name: the folder name of the indexed root (clip's `indice_name`)."""
+    """A store's default name: the folder name of the indexed root (clip's `indice_name`);
+    for a store of remote images, the URL's last part (s3://bucket/photos -> photos)."""
+    url = collection.store.root_url
+    if url is not None:
+        return url.rstrip("/").rsplit("/", 1)[-1].rsplit("://", 1)[-1] or collection.store.path.name
     return collection.store.root.name or collection.store.path.name
 
 
@@ -142,9 +146,16 @@ class ServedStore:
             raise RequestError(404, f"no image with id {image_id} in store {self.name!r}")
         return row
 
-    def original_path(self, image_id: int) -> Path:
-        """The file of an indexed image. Only stored paths reach the file system."""
+    def original_path(self, image_id: int) -> Path | str:
+        """The file of an indexed image, or its URL in a store of remote images. Only stored
+        paths reach the file system (or the object store)."""
         row = self.row(image_id)
+        url = self.store.root_url
+        if url is not None:
+            # rows keep full URLs; one outside the indexed prefix never came from an index run
+            if not row.path.startswith(url.rstrip("/") + "/") or "/../" in row.path:
+                raise RequestError(404, f"no image with id {image_id} in store {self.name!r}")
+            return row.path
         rel = PurePosixPath(row.path)
         if rel.is_absolute() or ".." in rel.parts:
             raise RequestError(404, f"no image with id {image_id} in store {self.name!r}")

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import clip_compat
@@ -263,9 +263,14 @@ class _Api:
     async def original(self, request: Request) -> Response:
         served, image_id = self._image_ref(request)
         path = await run_in_threadpool(served.original_path, image_id)
-        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        name = path.rsplit("/", 1)[-1] if isinstance(path, str) else path.name
+        media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         if media_type in BROWSER_IMAGE_TYPES:
-            return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
+            headers = {"Cache-Control": "no-cache"}
+            if isinstance(path, str):  # a URL: streamed from the object store through fsspec
+                stream = await run_in_threadpool(_open_remote, path, image_id)
+                return StreamingResponse(_chunks(stream), media_type=media_type, headers=headers)
+            return FileResponse(path, media_type=media_type, headers=headers)
         # TIFF, HEIC, ...: browsers can't show them, so the page gets a large JPEG instead.
         data = await run_in_threadpool(self.service.rendition, served, image_id)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
@@ -292,6 +297,31 @@ class _Api:
 
     async def indices_list(self, request: Request) -> Response:
         return JSONResponse(clip_compat.indices_list(self.service))
+
+
+# --------------------------------------------------------------------------------------------
+# Remote originals
+# --------------------------------------------------------------------------------------------
+
+STREAM_CHUNK = 1 << 20
+
+
+def _open_remote(url: str, image_id: int):
+    """The object at `url`, opened before the response starts, so a missing one is a 404."""
+    from .remote import open_url
+
+    try:
+        return open_url(url)
+    except Exception as e:  # noqa: BLE001 - FileNotFoundError, botocore's errors, ...
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RequestError(404, f"image {image_id} ({url}) can't be read: {cause}") from None
+
+
+def _chunks(stream):
+    """The object's bytes, 1 MiB at a time (Starlette iterates this in its thread pool)."""
+    with stream:
+        while block := stream.read(STREAM_CHUNK):
+            yield block
 
 
 # --------------------------------------------------------------------------------------------

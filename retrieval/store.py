@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from .lazy_import import lazy_import
 from .model_spec import ModelSpec
+from .urls import is_url
 
 # ~0.1 s to import, and only writers and id look-ups use it: not a cold `vqret search`.
 pc = lazy_import("pyarrow.compute")
@@ -187,7 +188,7 @@ class Store:
             "vqret_version": __version__,
             "created_at": now_utc().isoformat(),
             "updated_at": now_utc().isoformat(),
-            "root": _root_for_manifest(Path(root), path),
+            "root": _root_for_manifest(root, path),
             "model": spec.to_dict(),
             "dim": spec.embed_dim,
             "generation": 0,
@@ -227,10 +228,23 @@ class Store:
         return int(self.manifest["generation"])
 
     @property
+    def root_url(self) -> str | None:
+        """The fsspec URL this store indexes (rows' paths are full URLs), or None: a folder."""
+        root = self.manifest["root"]
+        return root if is_url(root) else None
+
+    @property
     def root(self) -> Path:
         """The indexed folder that the rows' paths are relative to."""
+        if self.root_url is not None:
+            raise StoreError(f"{self.path} indexes {self.root_url}, not a local folder")
         root = Path(self.manifest["root"])
         return root if root.is_absolute() else (self.path / root).resolve()
+
+    @property
+    def source(self) -> str:
+        """What this store indexes, for people: the folder's path or the URL."""
+        return self.root_url or str(self.root)
 
     @property
     def failures(self) -> list[Failure]:
@@ -291,8 +305,10 @@ class Store:
         return StoreWriter(self, wait)
 
 
-def _root_for_manifest(root: Path, store: Path) -> str:
-    root, store = root.resolve(), store.resolve()
+def _root_for_manifest(root: Path | str, store: Path) -> str:
+    if is_url(root):  # remote images (s3://bucket/prefix), local store: kept as given
+        return root
+    root, store = Path(root).resolve(), store.resolve()
     try:
         # A store inside its folder moves with it: keep the root relative.
         store.relative_to(root)

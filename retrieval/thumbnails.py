@@ -21,8 +21,10 @@ THUMB_SIZE = 256  # longest side, px: two per row on a phone, crisp at 2x in a 1
 JPEG_QUALITY = 82
 
 
-def make_thumbnail(path: Path, size: int = THUMB_SIZE, max_pixels: int | None = None) -> bytes:
-    """JPEG bytes of the image at `path`, its longest side at most `size` px.
+def make_thumbnail(
+    path: Path | str, size: int = THUMB_SIZE, max_pixels: int | None = None
+) -> bytes:
+    """JPEG bytes of the image at `path` (or URL), its longest side at most `size` px.
 
     Raises ImageLoadError when the file no longer decodes.
     """

@@ -143,8 +143,12 @@ def test_fsspec_urls_list_hash_and_embed_like_the_folder(folder, embedder):
     source = ray_engine.FsspecSource(f"file://{folder}")
     walked = list(walk_images(folder))
     listed = list(source.walk())
-    assert [(e.relpath, e.size) for e in listed] == [(e.relpath, e.size) for e in walked]
-    assert source.hash(walked[0].relpath) == file_hash(folder / walked[0].relpath)
+    # listed entries are named by their full URL: the rows of a remote source keep it
+    assert [(e.relpath, e.size) for e in listed] == [
+        (f"file://{folder}/{e.relpath}", e.size) for e in walked
+    ]
+    assert source.hash(listed[0].relpath) == file_hash(folder / walked[0].relpath)
+    assert source.path(listed[0].relpath) == listed[0].relpath
 
     rels = ["broken.jpg"] + [e.relpath for e in walked if e.relpath.endswith(".png")][:7]
     urls = [source.path(r) for r in rels]

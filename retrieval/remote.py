@@ -1,0 +1,179 @@
+"""Images under an fsspec URL (s3://bucket/photos, gs://..., file:///..., memory://...).
+
+The store stays a local folder; only the images are remote. Rows keep each image's full URL
+as their `path`, so search results, failures and the server name the object itself. A run
+lists the prefix once (`fs.find(detail=True)`: paged LIST requests, nothing per object), and
+an object whose size and version stamp (the listing's modification time and ETag) match its
+row is not read at all: an unchanged bucket costs its listing and nothing else.
+
+Credentials and endpoints come from each filesystem's own configuration (AWS_* variables or
+~/.aws for s3fs, GOOGLE_APPLICATION_CREDENTIALS for gcsfs) or fsspec's
+FSSPEC_<PROTOCOL>_<OPTION> variables (FSSPEC_S3_ENDPOINT_URL=...): the indexer, the Ray
+actors and `vqret serve` all read the same environment, and no secret lands in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Any, BinaryIO
+
+from .images import IMAGE_EXTENSIONS
+from .store import StoreError
+from .urls import is_url
+from .walk import SKIPPED_DIRS, FileEntry
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for `url`; StoreError when its package is missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:  # "Install s3fs to access S3", unknown protocol
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StoreError(f"{url}: {first}") from None
+
+
+def open_url(url: str) -> BinaryIO:
+    """A seekable binary file for the object at `url` (the caller closes it)."""
+    fs, path = filesystem(url)
+    return fs.open(path, "rb")
+
+
+def read_bytes(url: str) -> bytes:
+    with open_url(url) as f:
+        return f.read()
+
+
+def normalise(url: str) -> str:
+    """The URL a store records: no trailing slash, so `s3://b/p` and `s3://b/p/` are one."""
+    return url.rstrip("/") if not url.endswith("://") else url
+
+
+@dataclass
+class FsspecSource:
+    """The three things the Indexer does with a folder, over fsspec: list the images with
+    size and version stamp (`walk`), hash an object's content (`hash`) and name it for
+    the embedder (`path`). Listed entries are named by their full URL."""
+
+    url: str
+
+    def __post_init__(self) -> None:
+        self.url = normalise(self.url)
+        self.fs, root = filesystem(self.url)
+        self.root = root.rstrip("/")
+        self.protocol = self.url.split("://", 1)[0]
+
+    def _url_of(self, full: str) -> str:
+        # fsspec strips the protocol (s3fs: "bucket/key"; memory: "/key"); put it back on
+        return f"{self.protocol}://{full}" if not is_url(full) else full
+
+    def walk(self, on_error: Callable[[str, str], None] | None = None) -> Iterator[FileEntry]:
+        """Image objects under the URL in name order, skipped like `walk_images` skips.
+
+        A listing that fails raises StoreError before anything is compared, so an outage
+        never reads as "every image was deleted".
+        """
+        try:
+            found = self.fs.find(self.root, withdirs=False, detail=True)
+            if not found and not self.fs.isdir(self.root):
+                raise StoreError(f"{self.url}: no such folder or prefix")
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError, botocore's NoCredentialsError, ...
+            cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreError(f"{self.url}: can't list ({cause})") from None
+        for full in sorted(found):
+            rel = full[len(self.root) :].lstrip("/")
+            names = rel.split("/")
+            if any(n.startswith(".") or n.lower() in SKIPPED_DIRS for n in names):
+                continue
+            if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            url = f"{self.url}/{rel}"
+            info = found[full]
+            try:
+                yield FileEntry(url, int(info["size"]), version_ns(info))
+            except (KeyError, TypeError, ValueError) as e:
+                if on_error is not None:
+                    on_error(url, f"unreadable listing entry ({e})")
+
+    def _inside(self, name: str) -> str:
+        """The filesystem path of a listed URL (or of a path relative to the source)."""
+        if is_url(name):
+            if not name.startswith(self.url + "/"):
+                raise OSError(f"{name} is not under {self.url}")
+            name = name[len(self.url) + 1 :]
+        return f"{self.root}/{name}"
+
+    def hash(self, name: str, chunk: int = 1 << 20) -> str:
+        """blake2b-128 of the content, streamed: the same digest `file_hash` gives locally."""
+        digest = hashlib.blake2b(digest_size=16)
+        try:
+            with self.fs.open(self._inside(name), "rb") as f:
+                while block := f.read(chunk):
+                    digest.update(block)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the Indexer reports OSErrors per file
+            raise OSError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
+        return digest.hexdigest()
+
+    def path(self, name: str) -> str:
+        """The URL the embedder (or a Ray actor) opens for a listed entry."""
+        return name if is_url(name) else f"{self.url}/{name}"
+
+
+def version_ns(info: dict[str, Any]) -> int:
+    """A stamp from an fsspec listing entry that changes whenever the object does.
+
+    Object stores name the time differently (s3fs LastModified, gcsfs updated, adlfs
+    last_modified, local mtime). S3's has whole seconds only, so an object rewritten within
+    the same second at the same size would look unchanged: where the listing also has an
+    ETag / checksum, a digest of it fills the sub-second digits. With an ETag and no time,
+    the digest alone; with neither, the time of this run (never "unchanged" by stamp, so the
+    content hash decides: every object is read each run, but no change is missed).
+    """
+
+    def as_ns(value: Any) -> int | None:
+        if isinstance(value, int | float):
+            return int(value * 1e9)
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime):
+            return int(value.timestamp() * 1e9)
+        return None
+
+    tag = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "crc32c", "content_md5")
+                if info.get(k)), None)
+    tag_digest = None
+    if tag is not None:
+        digest = hashlib.blake2b(tag.encode(), digest_size=8).digest()
+        tag_digest = int.from_bytes(digest, "big") >> 1  # int64, like a real mtime_ns
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        if info.get(key) is not None and (ns := as_ns(info[key])) is not None:
+            if tag_digest is not None:
+                ns = ns - ns % 1_000_000_000 + tag_digest % 1_000_000_000
+            return ns
+    if tag_digest is not None:
+        return tag_digest
+    if info.get("created") is not None and (ns := as_ns(info["created"])) is not None:
+        return ns  # an object store's overwrite is a new object, with a new creation time
+    return time.time_ns()
+
+
+def check_local_store(store: str | os.PathLike | None) -> None:
+    """The store is a local folder: a URL there gets one line, not a folder named 's3:'."""
+    # typer's Path has already folded "s3://b" into "s3:/b": match the scheme and one slash
+    if store is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", os.fspath(store)):
+        raise StoreError(
+            f"--store {os.fspath(store)}: the store must be a local folder (the images may be "
+            "remote; the Parquet rows, manifest and index are written locally)"
+        )
