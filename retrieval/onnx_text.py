@@ -296,6 +296,7 @@ def _export(store_path: Path, embedder: Any, key: dict[str, Any]) -> dict[str, A
         embedder = Embedder.from_spec(embedder.spec, device="cpu", precision="fp32",
                                       num_workers=0)
     module, prefix = _exportable_text_tower(embedder)
+    _remove_leftovers(store_path)
     tmp = store_path / f".tmp-{BUNDLE_DIRNAME}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -437,6 +438,17 @@ def _open_unpublished(folder: Path, meta: dict[str, Any], spec: ModelSpec) -> On
     encoder._probe = (meta["probe"]["text"], np.asarray(meta["probe"]["embedding"], np.float32))
     encoder._verified = False
     return encoder
+
+
+def _remove_leftovers(store_path: Path, min_age_s: float = 3600) -> None:
+    """Folders of exports killed midway (SIGKILL, power): old enough that no exporter is
+    still writing them."""
+    now = time.time()
+    for pattern in (f".tmp-{BUNDLE_DIRNAME}-*", f".old-{BUNDLE_DIRNAME}-*"):
+        for path in store_path.glob(pattern):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > min_age_s:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def _meta_bytes(meta: dict[str, Any]) -> bytes:

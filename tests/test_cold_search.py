@@ -8,9 +8,11 @@ unusable export never answering (the torch path answers instead).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import string
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,9 @@ def test_cold_cli_search_imports_no_torch(store: Path) -> None:
 
 def test_stale_export_is_bypassed_then_rebuilt(store: Path, tmp_path: Path) -> None:
     copy = _copy(store, tmp_path)
+    killed = copy / f".tmp-{BUNDLE_DIRNAME}-deadbeef"  # an export killed an hour ago
+    killed.mkdir()
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
     meta_path = copy / BUNDLE_DIRNAME / META_FILE
     meta = json.loads(meta_path.read_text())
     meta["key"]["weights_id"] = "sha256:another-model"
@@ -188,6 +193,7 @@ def test_stale_export_is_bypassed_then_rebuilt(store: Path, tmp_path: Path) -> N
     _assert_same_hits(hits, _torch_results(store, [query], k=10)[0])
     # that search exported a fresh one, so the next search is torch-free again
     rebuilt = json.loads(meta_path.read_text())
+    assert not killed.exists(), "a killed export's folder is cleaned up"
     assert rebuilt["key"] == json.loads((store / BUNDLE_DIRNAME / META_FILE).read_text())["key"]
     again = Collection.open(copy, device="cpu")
     _assert_same_hits([(h.id, h.score) for h in again.search(text=query, k=10)], hits)
