@@ -359,6 +359,9 @@ def search(
         # This query needed torch (no usable ONNX text encoder): export one now, after the
         # answer is out, so the next search starts without torch.
         sys.stdout.flush()
+        if err.is_terminal and not (as_json or files):
+            err.print("exporting the text encoder once, so that later searches start faster",
+                      highlight=False)
         collection.prepare_fast_text_search()
 
 

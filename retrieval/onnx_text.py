@@ -233,6 +233,8 @@ def ensure_text_encoder(store_path: str | os.PathLike, embedder: Any) -> str:
     except TextEncoderUnavailable as e:
         if not e.rebuild:
             return f"torch path: {e.reason}"
+    if not os.access(store_path, os.W_OK):  # a read-only store: searches keep the torch path
+        return f"torch path: {store_path} is read-only"
     started = time.perf_counter()
     try:
         export_text_encoder(store_path, embedder)
