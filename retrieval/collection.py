@@ -366,7 +366,7 @@ class Collection:
         """Export the model's text tower to ONNX into the store (when not already there and
         up to date), so that later text searches run without torch. Never raises: a model
         that can't be exported keeps the torch path. Returns a short status."""
-        from .onnx_text import ensure_text_encoder
+        from .onnx_export import ensure_text_encoder
 
         embedder = self.embedder
         # a Ray embedder embeds captions with a local model: that one exports

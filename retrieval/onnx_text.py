@@ -1,8 +1,8 @@
 """The store's text tower exported to ONNX, so a text query needs neither torch nor open_clip.
 
 A cold `vqret search "red car"` used to spend seconds importing torch and torchvision before
-it embedded four words. The text tower is exported once per store (by `vqret index`, or by
-the first search that finds none) into `<store>/text_encoder/`:
+it embedded four words. The text tower is exported once per store (onnx_export.py: by `vqret
+index`, or by the first search that finds none) into `<store>/text_encoder/`:
 
     text.onnx, text.onnx.data   the tower, graph-optimised by ONNX Runtime ahead of time, its
                                 weights in a side file that ONNX Runtime maps, not parses
@@ -23,15 +23,9 @@ reader sees the old bundle, the new one, or none.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 import os
-import shutil
-import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +34,6 @@ import numpy as np
 
 from .model_spec import ModelSpec
 from .text_tokenizer import ClipTokenizer
-
-log = logging.getLogger(__name__)
 
 BUNDLE_DIRNAME = "text_encoder"
 FORMAT_VERSION = 2  # 2: BPE merge rules in a text file
@@ -52,14 +44,7 @@ META_FILE = "meta.json"
 PROBE_TEXT = "a photo of a red car"
 # ONNX Runtime and torch agree to ~1e-7 per component; anything below this is a broken file.
 MIN_COSINE = 0.9999
-# Texts checked against torch at export: lengths from empty to past the context, a batch.
-EXPORT_CHECKS = (
-    PROBE_TEXT,
-    "",
-    "dog",
-    "A Photo of a DOG, on the beach at sunset!!! 🐕 naïve café 日本語",
-    "a very long caption that goes on " * 12,
-)
+
 
 
 class TextEncoderUnavailable(Exception):
@@ -87,7 +72,7 @@ def spec_key(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -115,7 +100,7 @@ def read_meta(store_path: str | os.PathLike, spec: ModelSpec) -> dict[str, Any]:
     if "failed" in meta:
         # An export that failed with these library versions fails again: don't retry it on
         # every search. New versions get another try.
-        if meta.get("versions") == _versions():
+        if meta.get("versions") == library_versions():
             raise TextEncoderUnavailable(f"export failed earlier: {meta['failed']}")
         raise TextEncoderUnavailable(f"export failed earlier: {meta['failed']}", rebuild=True)
     return meta
@@ -134,9 +119,10 @@ class OnnxTextEncoder:
     and the tokenizer builds its BPE for the query's words only (text_tokenizer.py).
     """
 
-    def __init__(self, store_path: str | os.PathLike, spec: ModelSpec, *, one_shot: bool = False):
-        meta = read_meta(store_path, spec)
-        folder = bundle_dir(store_path)
+    def __init__(self, folder: str | os.PathLike, meta: dict[str, Any], *,
+                 one_shot: bool = False):
+        """The bundle in `folder`, described by `meta` (see `load_text_encoder`)."""
+        folder = Path(folder)
         for name, size in meta["files"].items():
             path = folder / name
             actual = path.stat().st_size if path.is_file() else None
@@ -215,275 +201,14 @@ def load_text_encoder(
     store_path: str | os.PathLike, spec: ModelSpec, *, one_shot: bool = False
 ) -> OnnxTextEncoder:
     """The store's ONNX text encoder; raises TextEncoderUnavailable (with why) otherwise."""
-    return OnnxTextEncoder(store_path, spec, one_shot=one_shot)
+    meta = read_meta(store_path, spec)
+    return OnnxTextEncoder(bundle_dir(store_path), meta, one_shot=one_shot)
 
 
-# --------------------------------------------------------------------------------------------
-# Export (torch)
-# --------------------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # The export side (onnx_export.py) imports torch: only when it is asked for.
+    if name in ("export_text_encoder", "ensure_text_encoder"):
+        from . import onnx_export
 
-
-def ensure_text_encoder(store_path: str | os.PathLike, embedder: Any) -> str:
-    """Export the text encoder unless an up-to-date one is there; never raises (a failure
-    only means text queries keep the torch path). Returns a short status for logs."""
-    try:
-        # the whole check a search makes: meta, sizes, tokenizer, and the probe embedding
-        load_text_encoder(store_path, embedder.spec).embed_texts([])
-        return "ready"
-    except TextEncoderUnavailable as e:
-        if not e.rebuild:
-            return f"torch path: {e.reason}"
-    if not os.access(store_path, os.W_OK):  # a read-only store: searches keep the torch path
-        return f"torch path: {store_path} is read-only"
-    started = time.perf_counter()
-    try:
-        export_text_encoder(store_path, embedder)
-    except TextEncoderUnavailable as e:
-        log.warning("text queries keep the torch path: %s", e.reason)
-        return f"torch path: {e.reason}"
-    except OSError as e:  # a read-only or full store: the next run tries again
-        log.warning("couldn't write the text encoder into %s: %s", store_path, e)
-        return f"torch path: {e}"
-    except Exception as e:  # noqa: BLE001 - an unforeseen failure must not fail indexing
-        log.warning("text queries keep the torch path: export failed (%s: %s)",
-                    type(e).__name__, e)
-        return f"torch path: {type(e).__name__}: {e}"
-    seconds = time.perf_counter() - started
-    log.info("exported the text encoder to ONNX in %.1f s", seconds)
-    return f"exported in {seconds:.1f} s"
-
-
-def export_text_encoder(store_path: str | os.PathLike, embedder: Any) -> dict[str, Any]:
-    """Export `embedder`'s text tower and tokenizer into the store; returns the meta.
-
-    Raises TextEncoderUnavailable when the model can't take this path; that outcome is
-    recorded in the bundle so that searches don't try again with the same libraries.
-    """
-    key = spec_key(embedder.spec)
-    try:
-        return _export(Path(store_path), embedder, key)
-    except TextEncoderUnavailable as e:
-        if not e.rebuild:
-            _publish(Path(store_path), {META_FILE: _meta_bytes(
-                {"format": FORMAT_VERSION, "key": key, "failed": e.reason,
-                 "versions": _versions()})})
-        raise
-
-
-def _export(store_path: Path, embedder: Any, key: dict[str, Any]) -> dict[str, Any]:
-    from .text_tokenizer import open_clip_tokenizer_supported
-
-    reason = open_clip_tokenizer_supported(embedder.tokenizer)
-    if reason is not None:
-        raise TextEncoderUnavailable(reason)
-    for name in ("onnxruntime", "onnx", "onnxscript"):
-        try:
-            __import__(name)
-        except ImportError:
-            raise TextEncoderUnavailable(f"{name} is not installed", rebuild=True) from None
-    import onnxruntime as ort
-    import torch
-
-    tokenizer = ClipTokenizer.from_open_clip_vocab(embedder.tokenizer.context_length)
-    reference_ids = embedder.tokenizer(list(EXPORT_CHECKS)).numpy()
-    ours = tokenizer(list(EXPORT_CHECKS))
-    if not np.array_equal(ours, reference_ids):
-        raise TextEncoderUnavailable("the torch-free tokenizer gives other ids than open_clip's")
-
-    if embedder.precision != "fp32" or embedder.device.type != "cpu":
-        # A search's torch path runs fp32 weights; bf16 weights cast back to fp32 are not
-        # those weights. Export what a search would compute.
-        from .embedder import Embedder
-
-        embedder = Embedder.from_spec(embedder.spec, device="cpu", precision="fp32",
-                                      num_workers=0)
-    module, prefix = _exportable_text_tower(embedder)
-    _remove_leftovers(store_path)
-    tmp = store_path / f".tmp-{BUNDLE_DIRNAME}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        raw = tmp / "raw"
-        raw.mkdir()
-        _torch_export(module, prefix, tokenizer, raw / MODEL_FILE)
-        # ONNX Runtime's graph rewrites run once here (portable level: no CPU-specific
-        # layouts); the weights go to one side file, which loading maps instead of parsing.
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.log_severity_level = 3
-        options.optimized_model_filepath = str(tmp / MODEL_FILE)
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", DATA_FILE
-        )
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
-        )
-        try:
-            ort.InferenceSession(str(raw / MODEL_FILE), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001
-            raise TextEncoderUnavailable(f"onnxruntime can't load the export: {e}") from None
-        shutil.rmtree(raw)
-        tokenizer.save(tmp / TOKENIZER_FILE)
-
-        with torch.inference_mode():
-            tokens = torch.from_numpy(reference_ids).to(embedder.device)
-            reference = torch.nn.functional.normalize(
-                embedder.encode_tokens(tokens).float(), dim=-1
-            ).cpu().numpy()
-        files = {name: (tmp / name).stat().st_size for name in (MODEL_FILE, DATA_FILE,
-                                                                TOKENIZER_FILE)}
-        meta = {
-            "format": FORMAT_VERSION,
-            "key": key,
-            "prefix": prefix,
-            "tokenizer": {"kind": "clip-bpe", "context_length": tokenizer.context_length},
-            "files": files,
-            "probe": {"text": PROBE_TEXT, "ids": reference_ids[0].tolist(),
-                      "embedding": reference[0].tolist()},
-            "versions": _versions(),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (tmp / META_FILE).write_bytes(_meta_bytes(meta))
-        # The whole path as a search takes it, against torch, before anyone may use it.
-        encoder = _open_unpublished(tmp, meta, embedder.spec)
-        got = encoder._encode(list(EXPORT_CHECKS))
-        cosines = (got * reference).sum(axis=1)
-        if not (cosines >= MIN_COSINE).all():
-            raise TextEncoderUnavailable(
-                f"the ONNX text encoder differs from torch (cosine {cosines.min():.6f})"
-            )
-        del encoder
-        _publish_dir(store_path, tmp)
-        return meta
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _exportable_text_tower(embedder: Any):
-    """(module: tokens -> unnormalised features, whether it takes the EOT prefix), from an
-    fp32 embedder on the CPU. With a causal tower, the positions and mask are cut to the
-    input's length inside the graph, the way `Embedder.encode_tokens` cuts them."""
-    import torch
-
-    from .embedder import _causal_text_tower
-
-    model = embedder.model
-    tower = _causal_text_tower(model)
-
-    class EncodeText(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            return self.model.encode_text(tokens)
-
-    whole = EncodeText().eval()
-    if tower is None:
-        return whole, False
-    scope = "model." if tower is model else "model.text."
-    positions, mask = tower.positional_embedding, tower.attn_mask
-
-    class EncodePrefix(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.whole = whole
-
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, D)
-            length = tokens.shape[1]
-            cut = {f"{scope}positional_embedding": positions[:length],
-                   f"{scope}attn_mask": mask[:length, :length]}
-            return torch.func.functional_call(self.whole, cut, (tokens,), strict=False)
-
-    return EncodePrefix().eval(), True
-
-
-def _torch_export(module: Any, prefix: bool, tokenizer: ClipTokenizer, path: Path) -> None:
-    import torch
-
-    example = torch.from_numpy(tokenizer(["a red car", "a small blue dog on the grass"]))
-    if prefix:
-        example = example[:, : int(example.argmax(dim=1).max()) + 1]
-        seq = torch.export.Dim("seq", min=2, max=tokenizer.context_length)
-        shapes = {"tokens": {0: torch.export.Dim("batch"), 1: seq}}
-    else:
-        shapes = {"tokens": {0: torch.export.Dim("batch")}}
-    # The exporter prints progress on stdout, where `--json` output goes.
-    noise = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise), \
-                torch.inference_mode(False), torch.no_grad():
-            program = torch.onnx.export(
-                module, (example,), input_names=["tokens"], output_names=["features"],
-                dynamic_shapes=shapes, dynamo=True, verbose=False,
-            )
-            program.save(str(path), external_data=True)
-    except Exception as e:  # noqa: BLE001 - the exporter fails in many ways on exotic models
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TextEncoderUnavailable(f"torch.onnx.export failed: {first}") from None
-
-
-def _open_unpublished(folder: Path, meta: dict[str, Any], spec: ModelSpec) -> OnnxTextEncoder:
-    """Load a bundle that is still in its temporary folder (for the export's own check)."""
-    encoder = OnnxTextEncoder.__new__(OnnxTextEncoder)
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    encoder.session = ort.InferenceSession(
-        str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"]
-    )
-    encoder.tokenizer = ClipTokenizer.from_file(
-        folder / TOKENIZER_FILE, meta["tokenizer"]["context_length"]
-    )
-    encoder.prefix = meta["prefix"]
-    encoder.embed_dim = spec.embed_dim
-    encoder._probe = (meta["probe"]["text"], np.asarray(meta["probe"]["embedding"], np.float32))
-    encoder._verified = False
-    return encoder
-
-
-def _remove_leftovers(store_path: Path, min_age_s: float = 3600) -> None:
-    """Folders of exports killed midway (SIGKILL, power): old enough that no exporter is
-    still writing them."""
-    now = time.time()
-    for pattern in (f".tmp-{BUNDLE_DIRNAME}-*", f".old-{BUNDLE_DIRNAME}-*"):
-        for path in store_path.glob(pattern):
-            with contextlib.suppress(OSError):
-                if now - path.stat().st_mtime > min_age_s:
-                    shutil.rmtree(path, ignore_errors=True)
-
-
-def _meta_bytes(meta: dict[str, Any]) -> bytes:
-    return json.dumps(meta, indent=1).encode()
-
-
-def _publish(store_path: Path, files: dict[str, bytes]) -> None:
-    """Write a bundle of small files (a failure record) atomically."""
-    tmp = store_path / f".tmp-{BUNDLE_DIRNAME}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        _publish_dir(store_path, tmp)
-    except OSError as e:
-        log.warning("couldn't record the text encoder's state in %s: %s", store_path, e)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish_dir(store_path: Path, tmp: Path) -> None:
-    """Put `tmp` in place of the bundle: readers see the old folder, the new one, or none."""
-    final = bundle_dir(store_path)
-    old = store_path / f".old-{BUNDLE_DIRNAME}-{uuid.uuid4().hex[:8]}"
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if old.exists() and not final.exists():
-            os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        return getattr(onnx_export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

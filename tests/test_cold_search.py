@@ -20,13 +20,13 @@ import pytest
 from conftest import run_cli, run_json
 from fixtures.shapes import caption, make_shape_folder
 from vqret.retrieval.collection import Collection
+from vqret.retrieval.onnx_export import export_text_encoder
 from vqret.retrieval.onnx_text import (
     BUNDLE_DIRNAME,
     DATA_FILE,
     META_FILE,
     TOKENIZER_FILE,
     TextEncoderUnavailable,
-    export_text_encoder,
     load_text_encoder,
     read_meta,
 )
@@ -277,3 +277,10 @@ def test_the_torch_path_can_be_asked_for(store: Path, monkeypatch) -> None:
     assert col._embedder is not None and len(hits) == 3
     with pytest.raises(ValueError, match="unknown text encoder"):
         Collection.open(store, text_encoder="tensorflow")
+
+
+def test_export_names_still_resolve_from_the_inference_module() -> None:
+    from vqret.retrieval import onnx_export, onnx_text
+
+    assert onnx_text.export_text_encoder is onnx_export.export_text_encoder
+    assert onnx_text.ensure_text_encoder is onnx_export.ensure_text_encoder
