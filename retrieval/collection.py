@@ -115,7 +115,7 @@ class Collection:
         one its own model. An existing store made with another model is refused unless
         `rebuild` is set.
         """
-        from .remote import check_local_store, is_url, normalise
+        from .remote import check_local_store, filesystem, is_url, normalise
 
         check_local_store(store)
         if is_url(folder):
@@ -123,6 +123,7 @@ class Collection:
             folder = normalise(str(folder))
             if store is None:
                 raise StoreError(f"{folder}: indexing a URL needs --store LOCAL_DIR")
+            filesystem(folder)  # its package (s3fs, gcsfs) is there: before a model loads
             path = Path(store)
         else:
             folder = Path(folder)

@@ -249,6 +249,10 @@ def test_memory_urls_through_the_python_api(tmp_path, embedder):
         fs.pipe(f"/album/{path.name}", path.read_bytes())
     with pytest.raises(StoreError, match="needs --store"):
         Collection.create("memory://album", embedder=embedder)
+    # a filesystem fsspec doesn't know (or whose package is missing): one line, no store made
+    with pytest.raises(StoreError, match="nosuchfs://album: .*nosuchfs"):
+        Collection.create("nosuchfs://album", tmp_path / "never", embedder=embedder)
+    assert not (tmp_path / "never").exists()
     collection = Collection.create("memory://album/", tmp_path / "s", embedder=embedder)
     report = collection.index()
     assert report.added == 24 and not report.failed
