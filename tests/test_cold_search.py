@@ -232,8 +232,8 @@ def test_without_onnxruntime_search_still_answers(store: Path, tmp_path: Path) -
     (blocker / "__init__.py").write_text("raise ImportError('onnxruntime blocked by a test')\n")
     query = caption("green", "star")
     before = (store / BUNDLE_DIRNAME / META_FILE).read_bytes()
-    hits = run_json("search", query, "--store", str(store),
-                    env={"PYTHONPATH": str(blocker.parent)})
+    path = os.pathsep.join(p for p in (str(blocker.parent), os.environ.get("PYTHONPATH")) if p)
+    hits = run_json("search", query, "--store", str(store), env={"PYTHONPATH": path})
     _assert_same_hits([(r["id"], r["score"]) for r in hits],
                       _torch_results(store, [query], k=10)[0])
     assert (store / BUNDLE_DIRNAME / META_FILE).read_bytes() == before, "nothing re-exported"
