@@ -197,7 +197,10 @@ def index(
             if engine == "ray":
                 ray_embedder.close()
         # Once per model: text searches then start without torch (retrieval/onnx_text.py).
-        collection.prepare_fast_text_search()
+        text_status = collection.prepare_fast_text_search()
+    if not (as_json or quiet) and text_status.startswith("exported"):
+        err.print(f"text encoder {text_status} (ONNX): text searches start without torch",
+                  highlight=False)
     if as_json:
         print(json.dumps(report.to_dict()))
     elif not quiet:
