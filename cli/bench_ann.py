@@ -60,7 +60,8 @@ def bench_ann(
                      "projected to take longer is reported as skipped (budget)."),
     ] = 600.0,
     memory: Annotated[
-        str | None, typer.Option("--memory", help="Memory budget auto plans for, e.g. 1G [RAM/4].")
+        str | None,
+        typer.Option("--memory", help="Memory budget auto plans for, e.g. 1G (default: RAM/4)."),
     ] = None,
     target: Annotated[
         float, typer.Option("--target", min=0.0, max=1.0, help="Recall@10 the tuning aims at.")

@@ -8,12 +8,12 @@ happen inside the commands so that `vqret --help` stays instant.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from vqret.cli.errors import KEPT_CHECKPOINT, clean_errors, fail
 
 out = Console()
 err = Console(stderr=True)
@@ -29,11 +29,11 @@ StoreOpt = Annotated[
 ]
 ModelOpt = Annotated[
     Path | None,
-    typer.Option("--model", help="Diffusion checkpoint folder [default: STORE/diffusion]."),
+    typer.Option("--model", help="Diffusion checkpoint folder (default: STORE/diffusion)."),
 ]
 TokenizerOpt = Annotated[
     Path | None,
-    typer.Option("--tokenizer", help="Tokenizer checkpoint [default: the store's]."),
+    typer.Option("--tokenizer", help="Tokenizer checkpoint (default: the store's)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 
@@ -44,30 +44,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.add_typer(diffusion_app, name="diffusion")
     app.command("generate")(generate_command)
     bench_app.command("diffusion")(bench_diffusion)
-
-
-def _fail(message: str) -> None:
-    from rich.markup import escape
-
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-@contextmanager
-def _clean_errors():
-    """Known failures become one line on stderr and exit status 1, never a traceback."""
-    from vqret.retrieval.embedder import ModelConfigError, WeightsUnavailableError
-    from vqret.retrieval.images import ImageLoadError
-    from vqret.retrieval.store import StoreError
-
-    try:
-        yield
-    except (ValueError, StoreError, ImageLoadError, WeightsUnavailableError,
-            ModelConfigError) as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        err.print("interrupted: the last checkpoint is kept; run the same command to resume")
-        raise typer.Exit(130) from None
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -96,12 +72,15 @@ def _say(line: str) -> None:
 def train_command(
     store: StoreOpt = None,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Checkpoint folder [STORE/diffusion].")
+        Path | None,
+        typer.Option("--out", "-o", help="Checkpoint folder (default: STORE/diffusion)."),
     ] = None,
     tokenizer: TokenizerOpt = None,
     preset: Annotated[
         str | None,
-        typer.Option(help="tiny | cpu | gpu-s | gpu-b [cpu, or the checkpoint's when resuming]"),
+        typer.Option(
+            help="tiny | cpu | gpu-s | gpu-b (default: cpu, or the checkpoint's when resuming)"
+        ),
     ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Total optimizer steps.")] = None,
     minutes: Annotated[
@@ -121,8 +100,8 @@ def train_command(
 ) -> None:
     """Train the DiT on the store's image embeddings and tokenizer latents; resumable."""
     if steps is None and minutes is None:
-        _fail("give a budget: --minutes N and/or --steps N")
-    with _clean_errors():
+        fail("give a budget: --minutes N and/or --steps N")
+    with clean_errors(KEPT_CHECKPOINT):
         from vqret.diffusion.train import train
 
         result = train(
@@ -187,8 +166,8 @@ def generate_command(
 ) -> None:
     """Draw images for PROMPT with the store's diffusion model; print each CLIP score."""
     if not prompt.strip():
-        _fail("empty prompt: give some text to draw")
-    with _clean_errors():
+        fail("empty prompt: give some text to draw")
+    with clean_errors(KEPT_CHECKPOINT):
         from vqret.diffusion.generate import Generator, output_paths
 
         output_paths(output, n)  # bad options fail before any model is loaded
@@ -289,7 +268,7 @@ def bench_diffusion(
     tokenizer: TokenizerOpt = None,
     prompts: Annotated[
         Path | None,
-        typer.Option(help="Text file of prompts, one a line [default: the store's captions]."),
+        typer.Option(help="Text file of prompts, one a line (default: the store's captions)."),
     ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
     guidance: Annotated[str, typer.Option(help="Comma-separated guidance scales.")] = "0,1,2,3,5",
@@ -301,7 +280,7 @@ def bench_diffusion(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Samples/s at 25 and 50 steps; prompt-match accuracy and CLIP score vs guidance."""
-    with _clean_errors():
+    with clean_errors(KEPT_CHECKPOINT):
         from vqret.benchmarks.diffusion import run_diffusion_benchmark
 
         scales = [float(v) for v in guidance.split(",") if v.strip()]

@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from vqret.cli.tokenizer import _clean_errors, open_store
+from vqret.cli.errors import clean_errors
+from vqret.cli.tokenizer import open_store
 
 # vqret.tokenizer.dupes' defaults, repeated so that `vqret --help` doesn't import numpy
 # (tests/test_tokenizer_store.py checks that they agree).
@@ -78,7 +79,7 @@ def dupes(
     whose embeddings have cosine >= --threshold.
     Similarity: cosine to the group's first image.
     """
-    with _clean_errors():
+    with clean_errors():
         from vqret.tokenizer.dupes import find_duplicates
 
         opened = open_store(store)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from vqret.cli.errors import clean_errors, fail
 
 app = typer.Typer(
     help="Cross-modal image retrieval: index a folder with open_clip + FAISS, search it.",
@@ -44,32 +44,6 @@ def _configure(
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(message)s")
 
 
-def fail(message: str, code: int = 1) -> None:
-    from rich.markup import escape
-
-    # escaped: a message may hold brackets ("pip install 'vqret[ray]'") that aren't markup
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def clean_errors():
-    """Known failures become one line on stderr and exit status 1, never a traceback."""
-    from vqret.retrieval.images import ImageLoadError
-    from vqret.retrieval.model_spec import ModelConfigError, WeightsUnavailableError
-    from vqret.retrieval.store import StoreError
-
-    try:
-        yield
-    except (StoreError, WeightsUnavailableError, ModelConfigError, ImageLoadError) as e:
-        fail(str(e))
-    except ValueError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        err.print("interrupted: committed work is kept; run the same command to resume")
-        raise typer.Exit(130) from None
-
-
 # ------------------------------------------------------------------------------------------
 # index
 # ------------------------------------------------------------------------------------------
@@ -89,14 +63,14 @@ def index(
         str | None,
         typer.Option(
             help="open_clip model name, or path of a model-config JSON "
-            "[default: ViT-B-32, or the store's model]"
+            "(default: ViT-B-32, or the store's model)"
         ),
     ] = None,
     pretrained: Annotated[
         str | None,
         typer.Option(
             help="Pretrained tag (HF cache), or a local .safetensors/.pt file "
-            "[default: laion2b_s34b_b79k, or the store's weights]"
+            "(default: laion2b_s34b_b79k, or the store's weights)"
         ),
     ] = None,
     device: DeviceOpt = "auto",
@@ -117,12 +91,14 @@ def index(
         str | None,
         typer.Option(
             "--index",
-            help="auto | flat | hnsw | ivf | ivfpq [default: auto, or the store's last choice]",
+            help="auto | flat | hnsw | ivf | ivfpq (default: auto, or the store's last choice)",
         ),
     ] = None,
     index_memory: Annotated[
         str | None,
-        typer.Option("--index-memory", help="Memory budget of the index, e.g. 4G [RAM/4]."),
+        typer.Option(
+            "--index-memory", help="Memory budget of the index, e.g. 4G (default: RAM/4)."
+        ),
     ] = None,
     commit_every: Annotated[
         int, typer.Option("--commit-every", min=1, help="Commit after this many new images.")
@@ -132,7 +108,9 @@ def index(
     ] = "local",
     address: Annotated[
         str | None,
-        typer.Option(help="--engine ray: the cluster, auto or ray://HOST:PORT [a local Ray]."),
+        typer.Option(
+            help="--engine ray: the cluster, auto or ray://HOST:PORT (default: a local Ray)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
@@ -208,40 +186,15 @@ def index(
 
 
 def _run_index(collection, folder: str, options: dict, show_progress: bool, quiet: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     def on_failure(failure) -> None:
         if not quiet:
             err.print(f"skipped {failure.path}: {failure.error}", highlight=False, markup=False)
 
     if not show_progress:
         return collection.index(folder, on_failure=on_failure, **options)
-    progress = Progress(
-        TextColumn("embedding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} images/s"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-    import time
+    from vqret.cli.progress import images_progress
 
-    started = time.perf_counter()
-    with progress:
-        task = progress.add_task("embed", total=None, rate="-")
-
-        def on_progress(done: int, total: int) -> None:
-            elapsed = time.perf_counter() - started
-            rate = f"{done / elapsed:.1f}" if done and elapsed > 0 else "-"
-            progress.update(task, completed=done, total=total, rate=rate)
-
+    with images_progress("embedding", err) as on_progress:
         return collection.index(
             folder, on_failure=on_failure, on_progress=on_progress, **options
         )
@@ -289,12 +242,14 @@ def search(
     ] = "auto",
     threshold: Annotated[
         float | None,
-        typer.Option(help="Best score under which auto generates [calibrated on the collection]."),
+        typer.Option(
+            help="Best score under which auto generates (default: calibrated on the collection)."
+        ),
     ] = None,
     generate_out: Annotated[
         Path | None,
         typer.Option("--generate-out", help="PNG for the generated image "
-                     "[STORE/diffusion/generated/QUERY.png]."),
+                     "(default: STORE/diffusion/generated/QUERY.png)."),
     ] = None,
 ) -> None:
     """Top-k images (or --texts) for a text QUERY or --image, with cosine scores."""

@@ -189,7 +189,8 @@ def bench_serve(
         int, typer.Option(help="Timed requests per client count and query kind.", min=1)
     ] = 200,
     concurrency: Annotated[
-        list[int] | None, typer.Option(help="Concurrent clients; repeatable [default: 1, 8].")
+        list[int] | None,
+        typer.Option(help="Concurrent clients; repeatable (default: 1, 8)."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "cpu",
     search_threads: Annotated[int, typer.Option("--search-threads", min=1)] = 1,

@@ -7,12 +7,12 @@ happen inside the commands so that `vqret --help` stays instant.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from vqret.cli.errors import KEPT_CHECKPOINT, clean_errors, fail
 
 out = Console()
 err = Console(stderr=True)
@@ -27,28 +27,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add `vqret tokenizer ...` to `app` and `vqret bench tokenizer` to `bench_app`."""
     app.add_typer(tokenizer_app, name="tokenizer")
     bench_app.command("tokenizer")(bench_tokenizer)
-
-
-def _fail(message: str) -> None:
-    from rich.markup import escape
-
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-@contextmanager
-def _clean_errors():
-    """Known failures become one line on stderr and exit status 1, never a traceback."""
-    from vqret.retrieval.images import ImageLoadError
-    from vqret.retrieval.store import StoreError
-
-    try:
-        yield
-    except (ValueError, ImageLoadError, StoreError) as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        err.print("interrupted: the last checkpoint is kept; run the same command to resume")
-        raise typer.Exit(130) from None
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -130,7 +108,7 @@ def train_command(
         bool | None,
         typer.Option(
             "--cache/--no-cache",
-            help="Keep decoded images in memory [default: when they fit in 8 GiB].",
+            help="Keep decoded images in memory (default: when they fit in 8 GiB).",
         ),
     ] = None,
     seed: int = 0,
@@ -148,12 +126,12 @@ def train_command(
 ) -> None:
     """Train a tokenizer on --images or a store's images; run it again to resume."""
     if steps is None and minutes is None:
-        _fail("give a budget: --minutes N and/or --steps N")
+        fail("give a budget: --minutes N and/or --steps N")
     if images is not None and store is not None:
-        _fail("give --images DIR or --store PATH, not both")
+        fail("give --images DIR or --store PATH, not both")
     if images is not None and not images.is_dir():
-        _fail(f"{images}: not a folder")
-    with _clean_errors():
+        fail(f"{images}: not a folder")
+    with clean_errors(KEPT_CHECKPOINT):
         from vqret.tokenizer.store_codes import TOKENIZER_DIRNAME
         from vqret.tokenizer.train import train
 
@@ -167,7 +145,7 @@ def train_command(
             root = opened.root
             source = [str(root / p) for p in opened.read_table(["path"]).column("path").to_pylist()]
             if not source:
-                _fail(f"{opened.path} has no images: run `vqret index FOLDER` first")
+                fail(f"{opened.path} has no images: run `vqret index FOLDER` first")
             target = out_dir or opened.path / TOKENIZER_DIRNAME
         show_bar = not (as_json or quiet) and err.is_terminal
         result = train(
@@ -285,7 +263,7 @@ def encode_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
 ) -> None:
     """Write every image's code grid into the store; again, it encodes only what's new."""
-    with _clean_errors():
+    with clean_errors(KEPT_CHECKPOINT):
         import torch
         from vqret.tokenizer.store_codes import encode_store
 
@@ -322,35 +300,10 @@ def encode_command(
 
 
 def _encode_with_progress(store, tokenizer, options: dict):
-    import time
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from vqret.cli.progress import images_progress
     from vqret.tokenizer.store_codes import encode_store
 
-    progress = Progress(
-        TextColumn("encoding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} images/s"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-    started = time.perf_counter()
-    with progress:
-        task = progress.add_task("encode", total=None, rate="-")
-
-        def on_progress(done: int, total: int) -> None:
-            elapsed = time.perf_counter() - started
-            rate = f"{done / elapsed:.1f}" if done and elapsed > 0 else "-"
-            progress.update(task, completed=done, total=total, rate=rate)
-
+    with images_progress("encoding", err) as on_progress:
         return encode_store(store, tokenizer, on_progress=on_progress, **options)
 
 
@@ -368,8 +321,8 @@ def decode_command(
 ) -> None:
     """Rebuild an image from its stored codes (no pixels read): --id N or --path P."""
     if (row_id is None) == (path is None):
-        _fail("give --id N or --path P (one of them)")
-    with _clean_errors():
+        fail("give --id N or --path P (one of them)")
+    with clean_errors(KEPT_CHECKPOINT):
         from PIL import Image
         from vqret.retrieval.store import write_atomic
         from vqret.tokenizer.store_codes import decode_row
@@ -381,7 +334,7 @@ def decode_command(
 
         fmt = Image.registered_extensions().get(output.suffix.lower())
         if fmt is None:
-            _fail(f"{output}: unknown picture type {output.suffix!r} (try .png)")
+            fail(f"{output}: unknown picture type {output.suffix!r} (try .png)")
         buffer = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buffer, format=fmt)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -406,7 +359,7 @@ def bench_tokenizer(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """PSNR, SSIM, codebook usage, perplexity and bytes per image on a held-out folder."""
-    with _clean_errors():
+    with clean_errors(KEPT_CHECKPOINT):
         from vqret.benchmarks.tokenizer import run_tokenizer_benchmark
 
         result = run_tokenizer_benchmark(

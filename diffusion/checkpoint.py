@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
+from vqret.tokenizer.checkpoint import weights_file
 
 from .config import DiffusionConfig
 from .model import DiT
@@ -83,16 +84,9 @@ class CheckpointInfo:
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The weights file of a checkpoint folder, its .safetensors or its .json."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
-    elif path.suffix == ".json":
-        path = path.with_suffix(".safetensors")
-    if not path.is_file():
-        raise ValueError(
-            f"{path}: no diffusion model here (train one with `vqret diffusion train`)"
-        )
-    return path
+    return weights_file(
+        path, WEIGHTS_FILE, "no diffusion model here (train one with `vqret diffusion train`)"
+    )
 
 
 def save_checkpoint(

@@ -29,11 +29,12 @@ import torch
 from PIL import Image
 from vqret.retrieval.collection import Collection
 from vqret.tokenizer.api import Tokenizer
+from vqret.tokenizer.store_codes import store_tokenizer_path
 
 from .checkpoint import CheckpointInfo, load_checkpoint
 from .flow import SOLVERS, sample
 from .model import DiT
-from .paths import diffusion_path, store_tokenizer_path
+from .paths import diffusion_path
 
 __all__ = ["GeneratedImages", "Generator", "generate", "output_paths"]
 

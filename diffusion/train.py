@@ -25,13 +25,15 @@ import numpy as np
 import torch
 from vqret.retrieval.store import Store
 from vqret.tokenizer.api import Tokenizer
+from vqret.tokenizer.store_codes import store_tokenizer_path
+from vqret.tokenizer.train import check_budget
 
 from .checkpoint import TRAIN_STATE_FILE, WEIGHTS_FILE, CheckpointInfo, save_checkpoint
 from .config import DiffusionConfig, get_config
 from .flow import flow_matching_loss
 from .latents import load_training_pairs
 from .model import DiT
-from .paths import DIFFUSION_DIRNAME, atomic_write, open_store, store_tokenizer_path
+from .paths import DIFFUSION_DIRNAME, atomic_write, open_store
 
 __all__ = ["TrainResult", "train"]
 
@@ -86,16 +88,7 @@ def train(
     steps / minutes: total budget over all resumes; at least one.
     """
     say = log_fn or log.info
-    if steps is None and minutes is None:
-        raise ValueError("give a budget: steps and/or minutes")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if minutes is not None and minutes <= 0:
-        raise ValueError(f"minutes must be > 0, got {minutes}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    check_budget(steps, minutes, batch_size, lr)
     store = store if isinstance(store, Store) else open_store(store)
     get_config(preset or "cpu", **overrides)  # a bad preset or field fails before any work
     out = Path(out) if out is not None else store.path / DIFFUSION_DIRNAME

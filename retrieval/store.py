@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -328,13 +329,12 @@ class StoreWriter:
         try:
             self._lock.acquire(timeout=wait)
         except Timeout:
-            holder = _read_pid(store.path / "writer.pid")
-            who = f" (pid {holder})" if holder else ""
+            holder = _read_holder(store.path / "writer.pid")
             raise StoreLockedError(
-                f"{store.path}: another `vqret index`{who} is writing to this store; wait for "
+                f"{store.path}: another writer{holder} is writing to this store; wait for "
                 "it to finish or pass --wait SECONDS"
             ) from None
-        (store.path / "writer.pid").write_text(str(os.getpid()))
+        (store.path / "writer.pid").write_text(f"{os.getpid()}\t{_this_command()}")
         store.refresh()
         self._remove_leftovers()
         self._part_ids: dict[tuple[str, str], np.ndarray] = {}
@@ -523,8 +523,26 @@ class StoreWriter:
             self._part_ids.pop((table, part), None)
 
 
-def _read_pid(path: Path) -> str | None:
+def _this_command() -> str:
+    """What this process is, for the message another writer gets: `vqret tokenizer encode`,
+    `vqret index`, or the program's name (a script using the Python API)."""
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    if program.name != "vqret" and program.parts[-2:] != ("cli", "main.py"):
+        return program.name
+    words = []
+    for arg in sys.argv[1:3]:
+        if not arg.replace("-", "").isalpha() or arg.startswith("-"):
+            break  # a folder, a query or an option: the command's name is complete
+        words.append(arg)
+    return " ".join(["vqret", *words])
+
+
+def _read_holder(path: Path) -> str:
+    """' (`vqret index`, pid 123)' from writer.pid, or '' when it can't be read."""
     try:
-        return path.read_text().strip() or None
+        pid, _, command = path.read_text().strip().partition("\t")
     except OSError:
-        return None
+        return ""
+    if not pid:
+        return ""
+    return f" (`{command}`, pid {pid})" if command else f" (pid {pid})"

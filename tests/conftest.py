@@ -38,6 +38,19 @@ def embedder(tiny_clip):
     return Embedder(*tiny_clip, device="cpu", batch_size=32, num_workers=0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models: a second thread only adds
+    synchronisation (and on shared CI cores, spinning). The count is process-wide, so it is
+    restored afterwards. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def shapes_folder(tmp_path) -> tuple[Path, list]:
     """120 drawn images (seed 1234, never seen in training) in tmp_path/images."""

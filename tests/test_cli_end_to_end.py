@@ -221,18 +221,30 @@ def test_killed_run_resumes_without_losing_commits(tmp_path, tiny_clip):
 
 
 def test_second_indexer_is_refused_while_first_runs(tmp_path, tiny_clip):
-    from vqret.retrieval.store import Store as S
-
     folder = tmp_path / "imgs"
     folder.mkdir()
     from fixtures.shapes import make_shape_folder
 
     make_shape_folder(folder, 8, seed=3)
     run_json(*index_args(folder, tiny_clip))
-    with S(folder / ".vqret").writer():  # someone else is writing
+    holder = subprocess.Popen(  # another `vqret index`, held mid-write
+        [sys.executable, "-c", "import sys, time\n"
+         "from vqret.retrieval.store import Store\n"
+         "store = Store(sys.argv[2])\n"
+         "sys.argv = ['vqret', 'index', sys.argv[1]]  # as the CLI's process has it\n"
+         "with store.writer():\n"
+         "    print('locked', flush=True); time.sleep(60)\n",
+         str(folder), str(folder / ".vqret")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         proc = run_cli("index", str(folder), check=False)
+    finally:
+        holder.kill()
+        holder.wait()
     assert proc.returncode == 1
-    assert "another `vqret index`" in proc.stderr
+    assert f"another writer (`vqret index`, pid {holder.pid}) is writing" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

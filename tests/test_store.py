@@ -97,7 +97,7 @@ def test_killed_writer_leftovers_are_ignored_then_cleaned(store):
 
 def test_second_writer_is_refused_with_a_clear_message(store):
     with store.writer():
-        with pytest.raises(StoreLockedError, match="another `vqret index`.*--wait"):
+        with pytest.raises(StoreLockedError, match=r"another writer \(`.+`, pid \d+\) is .*--wait"):
             store.writer(wait=0)
 
 

@@ -46,14 +46,7 @@ PSNR_THRESHOLD = 20.0
 USAGE_THRESHOLD = 0.75
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The models here are tiny: a second thread only adds synchronisation (and on a busy
-    # machine, spinning). torch's thread count is process-wide, so restore it afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,12 +39,7 @@ N_IMAGES = 48
 TRAIN_STEPS = 150  # ~20 s on one core; copies of an image keep >= 84% of their codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
+from vqret.retrieval.atomic import atomic_write
 
 from .config import TokenizerConfig
 from .model import VQVAE
@@ -45,15 +45,21 @@ FORMAT = "vqret-tokenizer/1"
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The weights file for a checkpoint folder, its .safetensors or its .json."""
+    return weights_file(
+        path, WEIGHTS_FILE, "no tokenizer checkpoint here (train one with `vqret tokenizer train`)"
+    )
+
+
+def weights_file(path: str | os.PathLike[str], name: str, missing: str) -> Path:
+    """`path`'s weights: the folder's `name`, the .safetensors itself, or the one beside a
+    .json; ValueError('PATH: `missing`') when there is none."""
     path = Path(path)
     if path.is_dir():
-        path = path / WEIGHTS_FILE
+        path = path / name
     elif path.suffix == ".json":
         path = path.with_suffix(".safetensors")
     if not path.is_file():
-        raise ValueError(
-            f"{path}: no tokenizer checkpoint here (train one with `vqret tokenizer train`)"
-        )
+        raise ValueError(f"{path}: {missing}")
     return path
 
 
@@ -77,9 +83,10 @@ def save_checkpoint(
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = folder / WEIGHTS_FILE
     metadata = {"format": FORMAT, "config": config_json}
-    _atomic(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     sidecar = {"format": FORMAT, "config": model.config.to_dict(), **(info or {})}
-    _atomic(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2)))
+    text = json.dumps(sidecar, indent=2)
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return weights
 
 
@@ -111,18 +118,3 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             f"unexpected {unexpected[:5]})"
         )
     return model.to(device).eval()
-
-
-def _atomic(path: Path, write) -> None:
-    # Write beside the target then rename: a run killed mid-save keeps the previous file.
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
-        write(str(tmp))
-        # safetensors creates its file 0600; give it the mode any new file would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -74,14 +74,21 @@ class EncodeReport:
         }
 
 
-def store_tokenizer_path(store: Store, given: str | os.PathLike[str] | None = None) -> Path:
+def store_tokenizer_path(
+    store: Store,
+    given: str | os.PathLike[str] | None = None,
+    recorded: str | os.PathLike[str] | None = None,
+) -> Path:
     """The tokenizer checkpoint to use with `store`: `given`, else the one the store's codes
-    were last made with (manifest), else STORE/tokenizer."""
+    were last made with (manifest), else STORE/tokenizer, else `recorded` (e.g. where a
+    diffusion model's tokenizer was when the model was trained)."""
     if given is not None:
         return Path(given)
-    recorded = (store.manifest.get("tokenizer") or {}).get("path")
-    candidates = [store.path / recorded] if recorded else []  # absolute stays absolute
+    in_manifest = (store.manifest.get("tokenizer") or {}).get("path")
+    candidates = [store.path / in_manifest] if in_manifest else []  # absolute stays absolute
     candidates.append(store.path / TOKENIZER_DIRNAME)
+    if recorded:
+        candidates.append(Path(recorded))
     for path in candidates:
         try:
             resolve_checkpoint(path)

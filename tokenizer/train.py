@@ -71,6 +71,20 @@ class TrainResult:
         return d
 
 
+def check_budget(steps: int | None, minutes: float | None, batch_size: int, lr: float) -> None:
+    """A training run's budget and step size, checked before anything loads."""
+    if steps is None and minutes is None:
+        raise ValueError("give a budget: steps and/or minutes")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if minutes is not None and minutes <= 0:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+
+
 def train(
     images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -116,16 +130,7 @@ def train(
         the split survives the folder moving); a folder `images` is its own root.
     """
     say = log_fn or log.info
-    if steps is None and minutes is None:
-        raise ValueError("give a budget: steps and/or minutes")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if minutes is not None and minutes <= 0:
-        raise ValueError(f"minutes must be > 0, got {minutes}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    check_budget(steps, minutes, batch_size, lr)
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     config = get_config(preset, **overrides)

@@ -1,0 +1,42 @@
+"""How every command fails: one line on stderr naming the file and the cause, exit status 1,
+never a traceback; Ctrl-C says what was kept and exits 130."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+KEPT_COMMITTED = "committed work is kept; run the same command to resume"
+KEPT_CHECKPOINT = "the last checkpoint is kept; run the same command to resume"
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    from rich.markup import escape
+
+    # escaped: a message may hold brackets ("pip install 'vqret[ray]'") that aren't markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def clean_errors(kept: str = KEPT_COMMITTED) -> Iterator[None]:
+    """Known failures become one line and exit status 1; `kept` is what an interrupt keeps."""
+    # Imported here: `vqret --help` must not pay for the store's and models' modules.
+    from vqret.retrieval.images import ImageLoadError
+    from vqret.retrieval.model_spec import ModelConfigError, WeightsUnavailableError
+    from vqret.retrieval.store import StoreError
+
+    try:
+        yield
+    except (StoreError, WeightsUnavailableError, ModelConfigError, ImageLoadError,
+            ValueError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print(f"interrupted: {kept}")
+        raise typer.Exit(130) from None
