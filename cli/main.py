@@ -361,8 +361,8 @@ def info(
         print(json.dumps(facts, indent=2))
         return
     for key, value in facts.items():
-        if key == "index":
-            out.print(f"[bold]{'index':>15}[/]")
+        if isinstance(value, dict):  # index, codes
+            out.print(f"[bold]{key:>15}[/]")
             for name, fact in value.items():
                 out.print(f"{name:>19}  {fact}", highlight=False, markup=False)
         elif key != "failures":

@@ -408,8 +408,43 @@ class Collection:
             "parts": len(self.store.parts()),
             "texts": self.store.count("texts"),
             "index": self._index_facts(),
+            "text_encoder": self._text_encoder_fact(),
+            "codes": self._codes_facts(),
+            "diffusion": self._diffusion_fact(),
             "failures": m.get("failures", []),
         }
+
+    def _text_encoder_fact(self) -> str:
+        from .onnx_text import TextEncoderUnavailable, read_meta
+
+        try:
+            read_meta(self.store.path, self.store.spec)
+        except TextEncoderUnavailable as e:
+            return f"torch ({e.reason})"
+        return "onnx (cold text searches skip torch)"
+
+    def _codes_facts(self) -> dict[str, Any]:
+        """The tokenizer the codes were last made with, and how many rows have its codes."""
+        record = self.store.manifest.get("tokenizer") or {}
+        if not record.get("id"):
+            return {"tokenizer": "none yet (vqret tokenizer train / encode)"}
+        import pyarrow.compute as pc
+
+        tags = self.store.read_table(["codes_tokenizer"]).column("codes_tokenizer")
+        encoded = int(pc.sum(pc.equal(tags, record["id"])).as_py() or 0)
+        return {
+            "tokenizer": record["id"][:12],
+            "path": record.get("path"),
+            "grid": record.get("grid"),
+            "encoded": encoded,  # rows holding codes from this tokenizer
+        }
+
+    def _diffusion_fact(self) -> str:
+        from vqret.diffusion.paths import diffusion_path, has_model
+
+        if not has_model(self.store):
+            return "none (vqret diffusion train)"
+        return f"{diffusion_path(self.store)} (search --generate auto falls back to it)"
 
     def _index_facts(self) -> dict[str, Any]:
         from .index import read_meta

@@ -272,6 +272,11 @@ def test_a_model_refuses_another_tokenizer_or_clip(store_path, tmp_path):
         Generator.load(store_path, model=tmp_path / "other-dit", device="cpu")
 
 
+def test_info_names_the_diffusion_model(store_path):
+    info = Collection.open(store_path).info()
+    assert info["diffusion"].startswith(str(store_path / "diffusion"))
+
+
 def test_python_api_generate(store_path, tmp_path):
     import vqret
 
@@ -335,6 +340,7 @@ def test_no_model_means_no_fallback_and_captions_calibrate(tmp_path, embedder):
     col.index()
     results = col.search(text=FAR_QUERY, k=3)
     assert search_fallback(col, FAR_QUERY, results, "auto", None, None) is None
+    assert col.info()["diffusion"].startswith("none")
     with pytest.raises(ValueError, match="needs a diffusion model"):
         search_fallback(col, FAR_QUERY, results, "always", None, None)
     from vqret.diffusion.generate import Generator

@@ -173,6 +173,7 @@ def test_encode_is_incremental_across_index_changes(photos, embedder):
     assert len(new) == 2 and all(after[p]["codes"] is None for p in new)
 
     todo = [p for p, r in after.items() if r["codes"] is None]  # the store's order
+    assert col.info()["codes"]["encoded"] == len(after) - 3  # `vqret info` counts them
     tok = col.tokenizer(device="cpu")
     expected = tok.encode([str(photos / p) for p in todo])
     result = invoke_json("tokenizer", "encode", "--store", str(photos))
@@ -183,6 +184,9 @@ def test_encode_is_incremental_across_index_changes(photos, embedder):
         assert final[path]["codes_tokenizer"] == tok.id
     assert final[modified]["codes"] != before[modified]["codes"]
     assert final["renamed.png"]["codes"] == before[renamed]["codes"]
+    codes = run_json("info", "--store", str(photos))["codes"]
+    assert codes["encoded"] == len(after) and codes["tokenizer"] == tok.id[:12]
+    assert codes["grid"] == [tok.grid_size, tok.grid_size]
 
 
 def test_unreadable_images_cost_one_line_each_and_the_rest_is_encoded(photos):
