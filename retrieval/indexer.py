@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .embedder import Embedder
 from .index import update_after_write
@@ -84,13 +85,98 @@ def _os_cause(e: OSError) -> str:
     return f"unreadable ({e.strerror or e})"
 
 
-@dataclass
-class _Pending:
-    """A file that needs its embedding from the model."""
+LISTING_CHUNK = 1 << 16  # listed files turned into Arrow columns at a time
+HASH_CHUNK = 1 << 12  # files hashed between two Arrow chunks of hashes
 
-    entry: FileEntry
-    hash: str
-    row_id: int
+
+def _listing_table(entries: Iterable[FileEntry]) -> pa.Table:
+    """The listing as Arrow columns (path, size, mtime_ns), built a chunk at a time so the
+    driver never holds a FileEntry per file, and left in chunks (not copied into one)."""
+    schema = pa.schema(
+        [("path", pa.large_string()), ("size", pa.int64()), ("mtime_ns", pa.int64())]
+    )
+    chunks: list[pa.RecordBatch] = []
+    paths: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+
+    def flush() -> None:
+        if paths:
+            chunks.append(pa.record_batch([paths, sizes, mtimes], schema=schema))
+            paths.clear(), sizes.clear(), mtimes.clear()
+
+    for e in entries:
+        paths.append(e.relpath)
+        sizes.append(e.size)
+        mtimes.append(e.mtime_ns)
+        if len(paths) >= LISTING_CHUNK:
+            flush()
+    flush()
+    return pa.Table.from_batches(chunks, schema=schema)
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    """One array of a column; strings as large_string: 100M URLs overflow the 32-bit
+    offsets of one string array."""
+    column = table.column(name)
+    if pa.types.is_string(column.type):
+        column = column.cast(pa.large_string())
+    return column.combine_chunks()
+
+
+def _ints(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, valid) of an int64 column: nulls never compare equal to anything."""
+    values = pc.fill_null(column, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    return values, pc.is_valid(column).to_numpy(zero_copy_only=False)
+
+
+def _positions(values: pa.Array, value_set: pa.Array) -> np.ndarray:
+    """For each value, the position of its first match in value_set; -1 where none."""
+    found = pc.index_in(values, value_set=value_set)
+    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def _mask(array: pa.Array) -> np.ndarray:
+    return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
+
+
+def _first_equal(values: pa.ChunkedArray) -> np.ndarray:
+    """For each value, the position of the first value equal to it (its own if none before):
+    a stable sort, not a hash table over every new file's hash."""
+    n = len(values)
+    order = pc.sort_indices(values).to_numpy(zero_copy_only=False).astype(np.int64)
+    ordered = values.take(pa.array(order, pa.int64()))
+    starts = np.ones(n, bool)  # where a run of equal values begins, in sorted order
+    if n > 1:
+        starts[1:] = ~_mask(pc.equal(ordered[1:], ordered[:-1]))
+    del ordered
+    first = np.empty(n, np.int64)
+    first[order] = order[starts][np.cumsum(starts) - 1]
+    return first
+
+
+class _PathsToEmbed(Sequence[str]):
+    """The files the embedder reads, named on demand from the listing's path column: a
+    list of 100M URLs is not built on the driver (the Ray embedder slices it block by
+    block)."""
+
+    def __init__(self, relpaths: pa.ChunkedArray, at: np.ndarray, name: Callable[[str], str]):
+        self.relpaths = relpaths
+        self.at = at  # positions in relpaths, in the embedder's order
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            chosen = self.relpaths.take(pa.array(self.at[i], pa.int64()))
+            return [self.name(p) for p in chosen.to_pylist()]
+        return self.name(self.relpaths[int(self.at[i])].as_py())
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), HASH_CHUNK):
+            yield from self[start : start + HASH_CHUNK]
 
 
 class Indexer:
@@ -125,11 +211,6 @@ class Indexer:
         # walk(on_error), hash(relpath) and path(relpath), e.g. remote.FsspecSource.
         self.source = source
         self.report = IndexReport()
-        self._planned: dict[int, str] = {}  # row id -> "added" | "updated", for the counts
-
-    def _count(self, row_id: int, kind: str, step: int = 1) -> None:
-        self._planned[row_id] = kind
-        setattr(self.report, kind, getattr(self.report, kind) + step)
 
     def _fail(self, path: str, error: str) -> None:
         failure = Failure(path, error)
@@ -138,92 +219,136 @@ class Indexer:
             self.on_failure(failure)
 
     def run(self, writer: StoreWriter) -> IndexReport:
+        """Plan the run on Arrow and numpy columns, not a Python object per row: the driver
+        of a 100M-image collection holds a few dozen bytes per row, not kilobytes."""
         start = time.perf_counter()
-        dim = self.store.dim
-        old = self.store.read_table(["id", "path", "size", "mtime_ns", "hash"]).to_pylist()
-        by_path = {r["path"]: r for r in old}
+        # The writer holds the lock: the rows can't change between this read and the hashes'.
+        old = self.store.read_table(["id", "path", "size", "mtime_ns"])
+        old_ids = old.column("id").to_numpy().astype(np.int64, copy=False)
+        old_stat = [_ints(_column(old, name)) for name in ("size", "mtime_ns")]
+        old_paths = _column(old, "path")
+        del old
 
         def on_error(rel: str, cause: str) -> None:
             self._fail(rel, cause)
 
         if self.source is not None:
-            entries = list(self.source.walk(on_error=on_error))
+            entries = self.source.walk(on_error=on_error)
         else:
-            entries = list(walk_images(self.folder, exclude=[self.store.path], on_error=on_error))
-        present = {e.relpath for e in entries}
-        candidates = []
-        for e in entries:
-            row = by_path.get(e.relpath)
-            if row and row["size"] == e.size and row["mtime_ns"] == e.mtime_ns:
-                self.report.unchanged += 1
-            else:
-                candidates.append(e)
+            entries = walk_images(self.folder, exclude=[self.store.path], on_error=on_error)
+        listing = _listing_table(entries)
+        paths = listing.column("path")
+        at = _positions(paths, old_paths)  # each listed file's row (same path), -1: none
+        has_row = at >= 0
+        same_stat = np.zeros(len(at), bool)
+        rows = at[has_row]
+        same = np.ones(len(rows), bool)
+        for name, (values, valid) in zip(("size", "mtime_ns"), old_stat, strict=True):
+            new, _ = _ints(listing.column(name).combine_chunks())
+            same &= (values[rows] == new[has_row]) & valid[rows]
+        same_stat[has_row] = same
+        del old_paths, old_stat, same
+        old_hash = _column(self.store.read_table(["hash"]), "hash")
+        self.report.unchanged += int(same_stat.sum())
+        cand = np.flatnonzero(~same_stat)  # listing positions, in listing order
 
-        hashes = self._hash_all(candidates)
-        candidates = [e for e in candidates if e.relpath in hashes]
+        hashes = self._hash_all(cand, paths)
+        hashed = _mask(pc.is_valid(hashes))
+        cand, hashes = cand[hashed], hashes.filter(pa.array(hashed))
+        cand_at = at[cand]
 
         # Rows free to be reused: files gone, or paths whose content changed. A path that
         # failed to hash keeps its row: a file being copied must not lose what was indexed.
-        pool: dict[str, list[dict]] = {}
-        for r in old:
-            changed = r["path"] in hashes and hashes[r["path"]] != r["hash"]
-            if (r["path"] not in present) or changed:
-                pool.setdefault(r["hash"], []).append(r)
-        released_ids = {r["id"] for rows in pool.values() for r in rows}
-        live_by_hash = {r["hash"]: r["id"] for r in old if r["id"] not in released_ids}
+        touched = np.zeros(len(cand), bool)
+        with_row = cand_at >= 0
+        if with_row.any():
+            touched[with_row] = _mask(
+                pc.equal(hashes.filter(pa.array(with_row)), old_hash.take(cand_at[with_row]))
+            )
+        released = np.ones(len(old_ids), bool)  # rows of files gone...
+        released[at[has_row]] = False
+        released[cand_at[with_row & ~touched]] = True
+        live = ~released  # rows whose content a new file copies instead of embedding
+        self.report.unchanged += int(touched.sum())
 
-        replace: list[tuple[dict, FileEntry]] = []  # (old row, new file) keeping id+embedding
-        copies: list[tuple[int, FileEntry, str, int]] = []  # (source id, file, hash, row id)
-        pending: list[_Pending] = []
-        leftovers: list[FileEntry] = []
-        for e in candidates:
-            h, row = hashes[e.relpath], by_path.get(e.relpath)
-            if row and row["hash"] == h:
-                self.report.unchanged += 1
-                replace.append((row, e))
-            elif pool.get(h):
-                replace.append((pool[h].pop(), e))
-                self.report.renamed += 1
-            else:
-                leftovers.append(e)
-        # The same content twice in one run is embedded once and copied.
-        first_new: dict[str, _Pending] = {}
-        dup_of_new: list[tuple[_Pending, FileEntry]] = []
-        for e in leftovers:
-            h, row = hashes[e.relpath], by_path.get(e.relpath)
-            reusable = row and any(r["id"] == row["id"] for r in pool.get(row["hash"], []))
-            if reusable:
-                pool[row["hash"]] = [r for r in pool[row["hash"]] if r["id"] != row["id"]]
-                row_id = row["id"]
-                self._count(row_id, "updated")
-            else:
-                row_id = int(writer.allocate_ids(1)[0])
-                self._count(row_id, "added")
-            if h in live_by_hash:
-                copies.append((live_by_hash[h], e, h, row_id))
-            elif h in first_new:
-                dup_of_new.append((first_new[h], e, row_id))
-            else:
-                first_new[h] = _Pending(e, h, row_id)
-                pending.append(first_new[h])
-        removed_rows = [r for rows in pool.values() for r in rows]
-        self.report.removed = len(removed_rows)
-        replaced_ids = {row["id"] for row, _ in replace}
-        replaced_ids |= {row_id for *_, row_id in copies}
-        replaced_ids |= {p.row_id for p in pending} | {rid for *_, rid in dup_of_new}
+        # Renames: a changed file takes a released row of its content, the pool of each hash
+        # handed out last row first. Only files whose content some released row had need the
+        # pool, so it is built for those alone.
+        source_pos = np.where(touched, cand_at, -1)  # the row whose embedding a file keeps
+        taken = np.zeros(len(old_ids), bool)
+        rest = np.flatnonzero(~touched)
+        maybe = np.zeros(0, np.int64)
+        if released.any() and len(rest):
+            released_hash = old_hash.filter(pa.array(released))
+            maybe = np.flatnonzero(~touched & _mask(pc.is_in(hashes, value_set=released_hash)))
+        if len(maybe):
+            maybe_hashes = hashes.take(pa.array(maybe, pa.int64())).combine_chunks()
+            in_pool = released & _mask(pc.is_in(old_hash, value_set=maybe_hashes))
+            pool: dict[str, list[int]] = {}
+            for pos in np.flatnonzero(in_pool).tolist():
+                pool.setdefault(old_hash[pos].as_py(), []).append(pos)
+            for c, h in zip(maybe.tolist(), maybe_hashes.to_pylist(), strict=True):
+                if pool.get(h):
+                    source_pos[c] = pos = pool[h].pop()
+                    taken[pos] = True
+                    self.report.renamed += 1
+        left = rest[source_pos[rest] < 0]  # to embed or copy, in listing order
+
+        # A changed file keeps its own row's id unless a rename took that row.
+        own = cand_at[left]
+        reuse = own >= 0
+        reuse[reuse] = ~taken[own[reuse]]
+        row_ids = np.empty(len(left), np.int64)
+        row_ids[reuse] = old_ids[own[reuse]]
+        if (~reuse).any():
+            row_ids[~reuse] = writer.allocate_ids(int((~reuse).sum()))
+        self.report.updated += int(reuse.sum())
+        self.report.added += int((~reuse).sum())
+        released[own[reuse]] = False
+        removed = released & ~taken
+        self.report.removed = int(removed.sum())
+
+        # Content of a live row is copied (the last such row, as a dict keyed by hash
+        # would); the same new content twice in one run is embedded once and copied.
+        left_hashes = hashes.take(pa.array(left, pa.int64())).combine_chunks()
+        copy_of = np.full(len(left), -1, np.int64)  # the source row's position in old
+        if len(left) and live.any():
+            # hash tables over the few rows that match, not over every live row
+            same = np.flatnonzero(live & _mask(pc.is_in(old_hash, value_set=left_hashes)))
+            same = same[::-1]  # last row first: index_in answers the first match
+            found = _positions(left_hashes, old_hash.take(pa.array(same, pa.int64())))
+            copy_of[found >= 0] = same[found[found >= 0]]
+        is_copy = copy_of >= 0
+        new = np.flatnonzero(~is_copy)
+        first = _first_equal(left_hashes.take(pa.array(new, pa.int64())))
+        is_first = first == np.arange(len(new))
+        pending = new[is_first]  # indices into left, embedded
+        pending_of = np.full(len(new), -1, np.int64)
+        pending_of[is_first] = np.arange(len(pending))
+        dups: dict[int, list[int]] = {}  # pending index -> indices into left copying it
+        for k in np.flatnonzero(~is_first).tolist():
+            dups.setdefault(int(pending_of[first[k]]), []).append(int(new[k]))
+        del left_hashes
 
         # 1. Metadata-only changes: one commit, no model.
-        meta_rows = self._reuse_rows(replace, copies, hashes, dim)
-        drop = {r["id"] for r in removed_rows} | {
-            i for i in replaced_ids if i in {r["id"] for r in old}
-        }
-        keep_for_later = {p.row_id for p in pending} | {rid for *_, rid in dup_of_new}
+        replaced = np.flatnonzero(source_pos >= 0)
+        copies = np.flatnonzero(is_copy)
+        meta_rows = self._reuse_rows(
+            listing, hashes, cand,
+            sources=np.concatenate([old_ids[source_pos[replaced]], old_ids[copy_of[copies]]]),
+            new_ids=np.concatenate([old_ids[source_pos[replaced]], row_ids[copies]]),
+            files=np.concatenate([replaced, left[copies]]),
+            n_added=len(copies),
+        )
         # Rows that will be re-embedded keep their old version until the new one is committed.
-        first_drop = drop - keep_for_later
+        first_drop = np.concatenate(
+            [old_ids[removed], old_ids[source_pos[replaced]], row_ids[copies][reuse[copies]]]
+        )
         writer.commit(meta_rows, remove_ids=first_drop)
 
         # 2. Embeddings, in committed batches.
-        self._embed_and_commit(writer, pending, dup_of_new, old_ids={r["id"] for r in old})
+        to_embed = _ToEmbed(listing, hashes, cand[left], left, row_ids, reuse, pending, dups)
+        self._embed_and_commit(writer, to_embed)
 
         writer.compact()
         self._sync_sidecars(writer)
@@ -250,70 +375,75 @@ class Indexer:
             self._fail(failure.path, failure.error)
         self.report.texts = sync_texts(writer, self.embedder, rows, owned=is_sidecar).to_dict()
 
-    def _hash_all(self, entries: list[FileEntry]) -> dict[str, str]:
-        def one(e: FileEntry) -> tuple[str, str | None, str | None]:
+    def _hash_all(self, files: np.ndarray, paths: pa.ChunkedArray) -> pa.ChunkedArray:
+        """Content hashes of the listed files at `files`, null where the file can't be read."""
+
+        def one(rel: str) -> tuple[str, str | None, str | None]:
             try:
                 if self.source is not None:
-                    return e.relpath, self.source.hash(e.relpath), None
-                return e.relpath, file_hash(self.folder / e.relpath), None
+                    return rel, self.source.hash(rel), None
+                return rel, file_hash(self.folder / rel), None
             except OSError as err:
-                return e.relpath, None, _os_cause(err)
+                return rel, None, _os_cause(err)
 
-        hashes: dict[str, str] = {}
+        chunks = [pa.array([], pa.large_string())]  # kept in chunks: one would be a copy
         with ThreadPoolExecutor(max_workers=4) as pool:
-            for rel, h, error in pool.map(one, entries):
-                if h is None:
-                    self._fail(rel, error)
-                else:
-                    hashes[rel] = h
-        return hashes
+            for start in range(0, len(files), HASH_CHUNK):
+                rels = paths.take(pa.array(files[start : start + HASH_CHUNK], pa.int64()))
+                hashes = []
+                for rel, h, error in pool.map(one, rels.to_pylist()):
+                    if h is None:
+                        self._fail(rel, error)
+                    hashes.append(h)
+                chunks.append(pa.array(hashes, pa.large_string()))
+        return pa.chunked_array(chunks)
 
-    def _reuse_rows(self, replace, copies, hashes, dim) -> pa.Table | None:
-        """New versions of rows whose embedding is reused: renamed, touched, copied."""
-        source_ids = [row["id"] for row, _ in replace] + [src for src, *_ in copies]
-        if not source_ids:
+    def _reuse_rows(
+        self, listing: pa.Table, hashes: pa.Array, cand: np.ndarray, *, sources: np.ndarray,
+        new_ids: np.ndarray, files: np.ndarray, n_added: int,
+    ) -> pa.Table | None:
+        """New versions of rows whose embedding is reused: renamed, touched (the row itself)
+        and, the last `n_added`, copied. `files` index `hashes` and `cand` (the listing
+        positions of the files hashed)."""
+        if not len(sources):
             return None
-        full = self.store.rows_by_id(source_ids)
-        records = []
-        for row, e in replace:
-            records.append(self._record(full[row["id"]], row["id"], e, hashes[e.relpath]))
-        for src, e, h, row_id in copies:
-            records.append(self._record(full[src], row_id, e, h, added=True))
-        table = pa.Table.from_pylist(records, schema=row_schema(dim))
-        return table
-
-    @staticmethod
-    def _record(source: dict, row_id: int, e: FileEntry, h: str, added: bool = False) -> dict:
-        return {
-            "id": row_id,
-            "path": e.relpath,
-            "size": e.size,
-            "mtime_ns": e.mtime_ns,
-            "hash": h,
-            "width": source["width"],
-            "height": source["height"],
-            "embedding": source["embedding"],
-            "added_at": now_utc() if added else source["added_at"],
-            # same bytes, same codes
-            "codes": source.get("codes"),
-            "codes_tokenizer": source.get("codes_tokenizer"),
+        full = self.store.read_table()
+        position = pc.index_in(pa.array(sources, pa.int64()), value_set=full["id"].combine_chunks())
+        rows = full.take(position)
+        at = pa.array(files, pa.int64())
+        listed = listing.take(pa.array(cand[files], pa.int64()))
+        kept = len(sources) - n_added
+        added_at = rows["added_at"].slice(0, kept).combine_chunks().cast(pa.timestamp("us", "UTC"))
+        now = pa.array([now_utc()] * n_added, pa.timestamp("us", "UTC"))
+        schema = row_schema(self.store.dim)
+        columns = {
+            "id": pa.array(new_ids, pa.int64()),
+            "path": listed["path"],
+            "size": listed["size"],
+            "mtime_ns": listed["mtime_ns"],
+            "hash": hashes.take(at),
+            "added_at": pa.concat_arrays([added_at, now]),
         }
+        for name in schema.names:  # the rest as stored: same bytes, same size, codes...
+            if name not in columns:
+                stored = name in rows.column_names
+                columns[name] = rows[name] if stored else pa.nulls(len(rows), schema[name].type)
+        return pa.table({name: columns[name] for name in schema.names}).cast(schema)
 
-    def _embed_and_commit(self, writer, pending, dup_of_new, old_ids) -> None:
-        total = len(pending)
+    def _embed_and_commit(self, writer: StoreWriter, todo: _ToEmbed) -> None:
+        total = len(todo.pending)
         if self.on_progress:
             self.on_progress(0, total)
         if not total:
             return
-        dups: dict[int, list[tuple[FileEntry, int]]] = {}
-        for first, e, row_id in dup_of_new:
-            dups.setdefault(first.row_id, []).append((e, row_id))
-        paths = [
-            self.source.path(p.entry.relpath) if self.source else str(self.folder / p.entry.relpath)
-            for p in pending
-        ]
-        buffer: list[tuple[_Pending, np.ndarray, tuple[int, int]]] = []
-        failed_ids: set[int] = set()
+        if self.source is not None:
+            name = self.source.path
+        else:
+            folder = self.folder
+            name = lambda rel: str(folder / rel)  # noqa: E731
+        paths = _PathsToEmbed(todo.listing["path"], todo.file_at[todo.pending], name)
+        buffer: list[tuple[int, np.ndarray, tuple[int, int]]] = []
+        failed: list[int] = []
         last_commit = time.monotonic()
         done = 0
 
@@ -321,36 +451,41 @@ class Indexer:
             nonlocal buffer, last_commit
             if not buffer:
                 return
-            records, vectors = [], []
-            for p, vec, (w, h) in buffer:
-                copies = [(p.entry, p.row_id)] + dups.get(p.row_id, [])
-                for entry, row_id in copies:
-                    records.append((row_id, entry, p.hash, w, h))
+            rows, vectors, widths, heights = [], [], [], []
+            for i, vec, (w, h) in buffer:
+                for j in todo.with_copies(i):
+                    rows.append(j)
                     vectors.append(vec)
+                    widths.append(w)
+                    heights.append(h)
+            at = np.asarray(rows, np.int64)
+            files = todo.listing.take(pa.array(todo.file_at[at], pa.int64()))
+            ids = todo.row_ids[at]
             table = pa.table(
                 {
-                    "id": pa.array([r[0] for r in records], pa.int64()),
-                    "path": [r[1].relpath for r in records],
-                    "size": pa.array([r[1].size for r in records], pa.int64()),
-                    "mtime_ns": pa.array([r[1].mtime_ns for r in records], pa.int64()),
-                    "hash": [r[2] for r in records],
-                    "width": pa.array([r[3] for r in records], pa.int32()),
-                    "height": pa.array([r[4] for r in records], pa.int32()),
+                    "id": pa.array(ids, pa.int64()),
+                    "path": files["path"],
+                    "size": files["size"],
+                    "mtime_ns": files["mtime_ns"],
+                    "hash": todo.hashes.take(pa.array(todo.hash_at[at], pa.int64())),
+                    "width": pa.array(widths, pa.int32()),
+                    "height": pa.array(heights, pa.int32()),
                     "embedding": embeddings_to_arrow(np.stack(vectors)),
-                    "added_at": pa.array([now_utc()] * len(records), pa.timestamp("us", "UTC")),
+                    "added_at": pa.array([now_utc()] * len(at), pa.timestamp("us", "UTC")),
                 }
             )
-            writer.commit(table, remove_ids=[r[0] for r in records if r[0] in old_ids])
+            # a changed file's new version replaces its old row (same id)
+            writer.commit(table, remove_ids=ids[todo.reuse[at]])
             buffer = []
             last_commit = time.monotonic()
 
         for batch in self.embedder.iter_image_files(paths):
             for i, cause in batch.failures:
-                for entry, _ in [(pending[i].entry, None)] + dups.get(pending[i].row_id, []):
-                    self._fail(entry.relpath, cause)
-                failed_ids.add(pending[i].row_id)
+                for j in todo.with_copies(i):
+                    self._fail(todo.listing["path"][int(todo.file_at[j])].as_py(), cause)
+                failed.append(i)
             for j, i in enumerate(batch.indices):
-                buffer.append((pending[i], batch.embeddings[j], batch.sizes[j]))
+                buffer.append((i, batch.embeddings[j], batch.sizes[j]))
             done += len(batch.indices) + len(batch.failures)
             self.report.embedded += len(batch.indices)
             if self.on_progress:
@@ -360,10 +495,30 @@ class Indexer:
                 flush()
         flush()
         # A file that failed to decode (and its copies) was counted when planned.
-        for p in pending:
-            if p.row_id in failed_ids:
-                for row_id in [p.row_id] + [rid for _, rid in dups.get(p.row_id, [])]:
-                    self._count(row_id, self._planned[row_id], -1)
+        for i in sorted(failed):
+            for j in todo.with_copies(i):
+                if todo.reuse[j]:
+                    self.report.updated -= 1
+                else:
+                    self.report.added -= 1
+
+
+@dataclass
+class _ToEmbed:
+    """The files a run sends through the model or copies from one that is, as columns."""
+
+    listing: pa.Table  # path, size, mtime_ns of each listed file
+    hashes: pa.Array  # content hashes of the files hashed
+    file_at: np.ndarray  # each changed or new file's position in listing...
+    hash_at: np.ndarray  # ... and in hashes
+    row_ids: np.ndarray  # the row each becomes
+    reuse: np.ndarray  # True: its own row's id, updated in place; False: added
+    pending: np.ndarray  # the files embedded (indices into file_at), one per new content
+    dups: dict[int, list[int]]  # pending index -> files with the same content, copied
+
+    def with_copies(self, i: int) -> list[int]:
+        """The files that pending file i's embedding becomes: itself and its duplicates."""
+        return [int(self.pending[i])] + self.dups.get(i, [])
 
 
 def index_folder(
