@@ -220,7 +220,8 @@ class Indexer:
 
     def run(self, writer: StoreWriter) -> IndexReport:
         """Plan the run on Arrow and numpy columns, not a Python object per row: the driver
-        of a 100M-image collection holds a few dozen bytes per row, not kilobytes."""
+        of a 100M-image collection peaks at a few hundred bytes per row, not kilobytes
+        (benchmarks/README.md, "what the driver holds per row")."""
         start = time.perf_counter()
         # The writer holds the lock: the rows can't change between this read and the hashes'.
         old = self.store.read_table(["id", "path", "size", "mtime_ns"])
