@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from vqret.cli.errors import KEPT_CHECKPOINT, clean_errors, fail
+from vqret.cli.options import parse_overrides
 
 out = Console()
 err = Console(stderr=True)
@@ -44,19 +45,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.add_typer(diffusion_app, name="diffusion")
     app.command("generate")(generate_command)
     bench_app.command("diffusion")(bench_diffusion)
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set takes KEY=VALUE (e.g. depth=8), got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
 
 
 def _say(line: str) -> None:
@@ -108,7 +96,7 @@ def train_command(
             store, out_dir, tokenizer=tokenizer, preset=preset, steps=steps, minutes=minutes,
             batch_size=batch_size, lr=lr, seed=seed, device=device, threads=threads,
             resume=not fresh, progress=not (as_json or quiet) and err.is_terminal,
-            log_fn=None if (quiet or as_json) else _say, **_parse_overrides(set_ or []),
+            log_fn=None if (quiet or as_json) else _say, **parse_overrides(set_ or [], "depth=8"),
         )
     if as_json:
         print(json.dumps(result.to_dict()))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from vqret.cli.errors import KEPT_CHECKPOINT, clean_errors, fail
+from vqret.cli.options import parse_overrides
 
 out = Console()
 err = Console(stderr=True)
@@ -27,19 +28,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add `vqret tokenizer ...` to `app` and `vqret bench tokenizer` to `bench_app`."""
     app.add_typer(tokenizer_app, name="tokenizer")
     bench_app.command("tokenizer")(bench_tokenizer)
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set takes KEY=VALUE (e.g. codebook_size=512), got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value  # a bare string, e.g. quantizer=fsq
-    return overrides
 
 
 # ------------------------------------------------------------------------------------------
@@ -135,7 +123,7 @@ def train_command(
         from vqret.tokenizer.store_codes import TOKENIZER_DIRNAME
         from vqret.tokenizer.train import train
 
-        overrides = _parse_overrides(set_ or [])
+        overrides = parse_overrides(set_ or [], "codebook_size=512")
         root = None
         if images is not None:
             source = images
