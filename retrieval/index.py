@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -232,10 +233,17 @@ def update_index(
 
 
 def update_after_write(
-    writer, table: str = IMAGES, *, kind: str | None = None, memory: int | None = None
+    writer,
+    table: str = IMAGES,
+    *,
+    kind: str | None = None,
+    memory: int | None = None,
+    update: Callable[..., ann.IndexPlan] | None = None,
+    **options: Any,
 ) -> ann.IndexPlan:
-    """`update_index` with what a StoreWriter changed in `table` during its run."""
-    return update_index(
+    """`update` (default `update_index`) with what a StoreWriter changed in `table` during
+    its run; `options` go to `update` (the Ray engine passes its own, sharded, updater)."""
+    return (update or update_index)(
         writer.store,
         table,
         kind=kind,
@@ -243,6 +251,7 @@ def update_after_write(
         start_generation=writer.start_generation[table],
         changed_ids=writer.changed_ids(table),
         removed=bool(writer.removed[table]),
+        **options,
     )
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import ann
 from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
-from .index import index_files, load_saved, read_meta, save_index, update_index
+from .index import index_files, load_saved, read_meta, save_index, update_after_write, update_index
 from .indexer import IndexReport, index_folder
 from .remote import FsspecSource, is_url  # noqa: F401 - FsspecSource: re-exported
 from .remote import read_bytes as _read_bytes
@@ -709,15 +709,8 @@ def ray_update_after_write(
 ) -> ann.IndexPlan:
     """`index.update_after_write`, built on Ray when the table is big: the Indexer's
     `index_updater` for the Ray engine. `options`: ray_update_index's (sharded_above, ...)."""
-    return ray_update_index(
-        writer.store,
-        table,
-        kind=kind,
-        memory=memory,
-        start_generation=writer.start_generation[table],
-        changed_ids=writer.changed_ids(table),
-        removed=bool(writer.removed[table]),
-        **options,
+    return update_after_write(
+        writer, table, kind=kind, memory=memory, update=ray_update_index, **options
     )
 
 
