@@ -155,7 +155,7 @@ def index(
             "index_memory": parse_bytes(index_memory) if index_memory else None,
         }
         if engine == "ray":
-            from vqret.retrieval.ray_engine import RayEmbedder, ray_update_after_write
+            from vqret.retrieval.ray_engine import RayEmbedder, indexer_options
 
             # Same store, same Indexer; only the images go through the model on Ray. The
             # local model already loaded embeds sidecar captions (few, cheap).
@@ -168,7 +168,7 @@ def index(
                 text_embedder=collection.embedder,
             )
             collection = Collection(collection.store, ray_embedder)
-            options["index_updater"] = ray_update_after_write
+            options.update(indexer_options(ray_embedder))
         try:
             report = _run_index(collection, folder, options, show_progress, quiet)
         finally:

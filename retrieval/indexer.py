@@ -12,7 +12,6 @@ embeddings in batches, so a run killed at any point loses at most the batch in f
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .content_hash import file_hash, unreadable
 from .embedder import Embedder
 from .index import update_after_write
 from .remote import FsspecSource, is_url
@@ -42,6 +42,9 @@ from .texts import is_sidecar, sidecar_rows, sync_texts
 from .walk import FileEntry, walk_images
 
 ProgressCallback = Callable[[int, int], None]  # (images embedded so far, images to embed)
+# Hashes the named files anywhere (e.g. on a Ray cluster): yields (index into names, hash,
+# None) or (index, None, cause) for each, in any order.
+Hasher = Callable[[Sequence[str]], Iterable[tuple[int, "str | None", "str | None"]]]
 
 
 @dataclass
@@ -70,19 +73,6 @@ class IndexReport:
             "seconds": round(self.seconds, 3),
             "index": {k: self.index.get(k) for k in ("kind", "factory", "params", "recall_at_10")},
         }
-
-
-def file_hash(path: Path, chunk: int = 1 << 20) -> str:
-    """blake2b-128 of the whole file: renames and copies are recognised by content."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _os_cause(e: OSError) -> str:
-    return f"unreadable ({e.strerror or e})"
 
 
 LISTING_CHUNK = 1 << 16  # listed files turned into Arrow columns at a time
@@ -155,10 +145,10 @@ def _first_equal(values: pa.ChunkedArray) -> np.ndarray:
     return first
 
 
-class _PathsToEmbed(Sequence[str]):
-    """The files the embedder reads, named on demand from the listing's path column: a
-    list of 100M URLs is not built on the driver (the Ray embedder slices it block by
-    block)."""
+class _NamedPaths(Sequence[str]):
+    """The files the embedder (or a hasher) reads, named on demand from the listing's path
+    column: a list of 100M URLs is not built on the driver (the Ray engine slices it block
+    by block)."""
 
     def __init__(self, relpaths: pa.ChunkedArray, at: np.ndarray, name: Callable[[str], str]):
         self.relpaths = relpaths
@@ -194,6 +184,7 @@ class Indexer:
         index_memory: int | None = None,
         index_updater: Callable[..., Any] = update_after_write,
         source: Any | None = None,
+        hasher: Hasher | None = None,
     ):
         self.store = store
         self.embedder = embedder
@@ -210,6 +201,9 @@ class Indexer:
         # Where files are listed, hashed and read when not in the local folder: an object with
         # walk(on_error), hash(relpath) and path(relpath), e.g. remote.FsspecSource.
         self.source = source
+        # Where new and changed files are hashed: None for 4 threads on this process, or a
+        # Hasher that reads them elsewhere (the Ray engine's: the driver reads no image).
+        self.hasher = hasher
         self.report = IndexReport()
 
     def _fail(self, path: str, error: str) -> None:
@@ -385,8 +379,10 @@ class Indexer:
                     return rel, self.source.hash(rel), None
                 return rel, file_hash(self.folder / rel), None
             except OSError as err:
-                return rel, None, _os_cause(err)
+                return rel, None, unreadable(err)
 
+        if self.hasher is not None:
+            return self._hash_elsewhere(files, paths)
         chunks = [pa.array([], pa.large_string())]  # kept in chunks: one would be a copy
         with ThreadPoolExecutor(max_workers=4) as pool:
             for start in range(0, len(files), HASH_CHUNK):
@@ -398,6 +394,45 @@ class Indexer:
                     hashes.append(h)
                 chunks.append(pa.array(hashes, pa.large_string()))
         return pa.chunked_array(chunks)
+
+    def _hash_elsewhere(self, files: np.ndarray, paths: pa.ChunkedArray) -> pa.ChunkedArray:
+        """`_hash_all` through `self.hasher`: results come in any order, so they are put back
+        in listing order (an Arrow sort, not a Python object per file), failures too."""
+        names = _NamedPaths(paths, files, self._namer())
+        at_chunks: list[np.ndarray] = [np.zeros(0, np.int64)]
+        hash_chunks: list[pa.Array] = [pa.array([], pa.large_string())]
+        failed: list[tuple[int, str]] = []
+        at: list[int] = []
+        got: list[str | None] = []
+
+        def flush() -> None:
+            at_chunks.append(np.asarray(at, np.int64))
+            hash_chunks.append(pa.array(got, pa.large_string()))
+            at.clear(), got.clear()
+
+        for i, h, cause in self.hasher(names):
+            if h is None:
+                failed.append((i, cause or "unreadable"))
+            at.append(i)
+            got.append(h)
+            if len(at) >= HASH_CHUNK:
+                flush()
+        flush()
+        positions = np.concatenate(at_chunks)
+        order = np.argsort(positions, kind="stable")
+        if not np.array_equal(positions[order], np.arange(len(files))):
+            # a lost or repeated answer would silently plan files as unreadable or twice
+            raise RuntimeError(f"the hasher answered {len(positions)} times for {len(files)} files")
+        for i, cause in sorted(failed):
+            self._fail(paths[int(files[i])].as_py(), cause)
+        return pa.chunked_array(hash_chunks).take(pa.array(order, pa.int64()))
+
+    def _namer(self) -> Callable[[str], str]:
+        """What the embedder (or a hasher) opens for a listed path: its URL or file path."""
+        if self.source is not None:
+            return self.source.path
+        folder = self.folder
+        return lambda rel: str(folder / rel)
 
     def _reuse_rows(
         self, listing: pa.Table, hashes: pa.Array, cand: np.ndarray, *, sources: np.ndarray,
@@ -437,12 +472,7 @@ class Indexer:
             self.on_progress(0, total)
         if not total:
             return
-        if self.source is not None:
-            name = self.source.path
-        else:
-            folder = self.folder
-            name = lambda rel: str(folder / rel)  # noqa: E731
-        paths = _PathsToEmbed(todo.listing["path"], todo.file_at[todo.pending], name)
+        paths = _NamedPaths(todo.listing["path"], todo.file_at[todo.pending], self._namer())
         buffer: list[tuple[int, np.ndarray, tuple[int, int]]] = []
         failed: list[int] = []
         last_commit = time.monotonic()

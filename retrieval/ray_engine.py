@@ -1,14 +1,19 @@
 """Scale out on Ray: embed through a Ray Data actor pool, build big IVF indexes shard by shard.
 
-`vqret index SOURCE --engine ray` runs the same `Indexer` as the local engine; only the step
-that sends images through the model changes. `RayEmbedder.iter_image_files` has the interface
+`vqret index SOURCE --engine ray` runs the same `Indexer` as the local engine; only the two
+steps that read images move to the cluster. `RayEmbedder.iter_image_files` has the interface
 of `Embedder.iter_image_files` (a list of files in, `ImageBatch`es out, in any order, failures
-as data), so the incremental rules, ids, commits and failure reports are the local engine's by
-construction:
+as data) and `RayEmbedder.hash_files` that of the Indexer's `Hasher`, so the incremental rules,
+ids, commits and failure reports are the local engine's by construction:
 
-    driver: walk + hash + plan (Indexer)  ->  Ray Data: (position, path) blocks
-        ->  map_batches(_EmbedWorker, actor pool: model loaded once per actor, 1 GPU each
-            when the cluster has GPUs)  ->  iter_batches on the driver  ->  Indexer commits
+    driver: walk (size, mtime) ->  Ray tasks: hash new and changed files  ->  driver: plan
+        ->  Ray Data: (position, path) blocks  ->  map_batches(_EmbedWorker, actor pool:
+            model loaded once per actor, 1 GPU each when the cluster has GPUs)
+        ->  iter_batches on the driver  ->  Indexer commits
+
+A new file is read twice, both times on the cluster: once to hash it (the plan needs every
+new file's hash to recognise renames and copies before anything is embedded) and once to
+embed it.
 
 Results stream back as actors finish batches (no materialisation), so the driver commits
 while the cluster keeps embedding, and a killed run loses at most what wasn't committed.
@@ -35,10 +40,11 @@ from typing import Any
 import numpy as np
 
 from . import ann
+from .content_hash import file_hash, unreadable
 from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
 from .index import index_files, load_saved, read_meta, save_index, update_after_write, update_index
 from .indexer import IndexReport, index_folder
-from .remote import FsspecSource, is_url  # noqa: F401 - FsspecSource: re-exported
+from .remote import FsspecSource, is_url, url_hash  # noqa: F401 - FsspecSource: re-exported
 from .remote import read_bytes as _read_bytes
 from .remote import version_ns as _version_ns  # noqa: F401 - the name tests and notes use
 from .store import IMAGES, Store, StoreWriter, embeddings_from_arrow, write_atomic
@@ -52,6 +58,10 @@ SHARDED_ABOVE = 2_000_000
 # Rows per (position, path) block handed to the actor pool: large enough that per-block
 # scheduling overhead is noise at 100M images, small enough that blocks spread over actors.
 MAX_BLOCK_ROWS = 4096
+# Hashing: files per Ray Data block and per task call, and reading threads per task.
+HASH_BLOCK_ROWS = 1024
+HASH_BATCH_ROWS = 256
+HASH_THREADS = 4
 
 
 class RayUnavailableError(RuntimeError):
@@ -261,28 +271,13 @@ class RayEmbedder:
         del num_workers
         if not len(paths):
             return
-        ray = require_ray()
-        self.started_ray = connect(self.address) or self.started_ray
-        import pyarrow as pa
-
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # the caller shows its own progress
-        _quiet_ray_data_console()
+        ray = self._connect()
         plan = self._plan(len(paths))
         self.last_run = dict(plan, images=len(paths))
         # Blocks of whole batches, a few per actor, so that work spreads evenly.
         per_block = math.ceil(len(paths) / (plan["actors"] * 4) / self.batch_size)
         block = max(self.batch_size, min(MAX_BLOCK_ROWS, per_block * self.batch_size))
-        blocks = [
-            pa.table(
-                {
-                    "position": pa.array(range(start, min(start + block, len(paths))), pa.int64()),
-                    "path": pa.array([str(p) for p in paths[start : start + block]], pa.string()),
-                }
-            )
-            for start in range(0, len(paths), block)
-        ]
-        dataset = ray.data.from_arrow(blocks).map_batches(
+        dataset = ray.data.from_arrow(_path_blocks(paths, block)).map_batches(
             self._worker_class(plan),
             batch_size=self.batch_size,
             batch_format="numpy",
@@ -295,11 +290,71 @@ class RayEmbedder:
             self.last_run["worker_seconds"] += float(np.sum(out["seconds"]))
             yield _to_image_batch(out, self.embed_dim)
 
+    def hash_files(self, paths: Sequence[str]) -> Iterator[tuple[int, str | None, str | None]]:
+        """The Indexer's `Hasher` on the cluster: new and changed files are read and hashed by
+        Ray tasks where they run, so the driver reads no image (a first run of 100M photos
+        would otherwise stream every byte through the driver before the actors start).
+        Yields (index into paths, hash, None) or (index, None, cause), in any order."""
+        if not len(paths):
+            return
+        ray = self._connect()
+        dataset = ray.data.from_arrow(_path_blocks(paths, HASH_BLOCK_ROWS)).map_batches(
+            _hash_rows, batch_size=HASH_BATCH_ROWS, batch_format="numpy", num_cpus=1
+        )
+        for out in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for i, digest, cause in zip(out["position"], out["hash"], out["error"], strict=True):
+                yield int(i), (str(digest) or None), (str(cause) or None)
+
+    def _connect(self) -> Any:
+        """The `ray` module, connected (started if need be), Ray Data quiet on the console."""
+        ray = require_ray()
+        self.started_ray = connect(self.address) or self.started_ray
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the caller shows its own progress
+        _quiet_ray_data_console()
+        return ray
+
     def close(self) -> None:
         """Shut Ray down if this embedder started it."""
         if self.started_ray:
             require_ray().shutdown()
             self.started_ray = False
+
+
+def _path_blocks(paths: Sequence[str], rows: int) -> list[Any]:
+    """`(position, path)` Arrow tables of `rows` rows each: what Ray Data hands out."""
+    import pyarrow as pa
+
+    return [
+        pa.table(
+            {
+                "position": pa.array(range(start, min(start + rows, len(paths))), pa.int64()),
+                "path": pa.array([str(p) for p in paths[start : start + rows]], pa.string()),
+            }
+        )
+        for start in range(0, len(paths), rows)
+    ]
+
+
+def _hash_one(name: str) -> tuple[str, str]:
+    """(hash, "") or ("", cause): the local engine's digest and one-line causes."""
+    try:
+        return (url_hash(name) if is_url(name) else file_hash(name)), ""
+    except OSError as err:
+        return "", unreadable(err)
+
+
+def _hash_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A Ray Data task: hash a batch of files. Reading is I/O-bound (network storage, object
+    stores), so a few threads per task keep one CPU's worth of hashing busy."""
+    paths = [str(p) for p in batch["path"]]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        answers = list(pool.map(_hash_one, paths))
+    return {
+        "position": np.asarray(batch["position"], np.int64),
+        "hash": np.asarray([h for h, _ in answers], dtype=object),
+        "error": np.asarray([e for _, e in answers], dtype=object),
+    }
 
 
 class _NoRunChatter(logging.Filter):
@@ -364,13 +419,19 @@ def index_folder_with_ray(
         precision=precision,
         text_embedder=text_embedder,
     )
-    # Big collections build their IVF index in parallel tasks too; a URL is listed and
-    # hashed through fsspec on the driver (index_folder gives the Indexer its source).
-    indexer_kwargs.setdefault("index_updater", ray_update_after_write)
+    # A URL is listed through fsspec on the driver (index_folder gives the Indexer its source)
+    for name, value in indexer_options(embedder).items():
+        indexer_kwargs.setdefault(name, value)
     try:
         return index_folder(store, embedder, folder, wait=wait, **indexer_kwargs)
     finally:
         embedder.close()
+
+
+def indexer_options(embedder: RayEmbedder) -> dict[str, Any]:
+    """What the Ray engine changes in the local engine's `Indexer`: new files are hashed on
+    the cluster, and big collections build their IVF index in parallel tasks too."""
+    return {"hasher": embedder.hash_files, "index_updater": ray_update_after_write}
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,6 +783,7 @@ __all__ = [
     "build_sharded_index",
     "connect",
     "index_folder_with_ray",
+    "indexer_options",
     "merge_into",
     "ray_update_after_write",
     "ray_update_index",

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 
+from .content_hash import stream_hash
 from .images import IMAGE_EXTENSIONS
 from .store import StoreError
 from .urls import is_url
@@ -45,6 +46,23 @@ def open_url(url: str) -> BinaryIO:
     """A seekable binary file for the object at `url` (the caller closes it)."""
     fs, path = filesystem(url)
     return fs.open(path, "rb")
+
+
+def url_hash(url: str) -> str:
+    """The content hash of the object at `url` (what a Ray worker computes for it)."""
+    fs, path = filesystem(url)
+    return _hash_object(fs, path)
+
+
+def _hash_object(fs: Any, path: str) -> str:
+    """Any failure as an OSError with a one-line cause: the Indexer reports those per file."""
+    try:
+        with fs.open(path, "rb") as f:
+            return stream_hash(f)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - botocore's errors, ...
+        raise OSError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
 
 
 def read_bytes(url: str) -> bytes:
@@ -113,18 +131,9 @@ class FsspecSource:
             name = name[len(self.url) + 1 :]
         return f"{self.root}/{name}"
 
-    def hash(self, name: str, chunk: int = 1 << 20) -> str:
+    def hash(self, name: str) -> str:
         """blake2b-128 of the content, streamed: the same digest `file_hash` gives locally."""
-        digest = hashlib.blake2b(digest_size=16)
-        try:
-            with self.fs.open(self._inside(name), "rb") as f:
-                while block := f.read(chunk):
-                    digest.update(block)
-        except OSError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the Indexer reports OSErrors per file
-            raise OSError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
-        return digest.hexdigest()
+        return _hash_object(self.fs, self._inside(name))
 
     def path(self, name: str) -> str:
         """The URL the embedder (or a Ray actor) opens for a listed entry."""

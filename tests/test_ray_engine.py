@@ -71,10 +71,17 @@ def _stores(tmp_path: Path, embedder, folder: Path) -> tuple[Store, Store]:
     )
 
 
+def _driver_must_not_read(path, *args, **kwargs):
+    raise AssertionError(f"the driver read {path}: the Ray engine hashes on the cluster")
+
+
 def _run_both(local: Store, remote: Store, embedder, folder: Path) -> tuple[dict, dict]:
     a = index_folder(local, embedder, folder).to_dict()
-    b = ray_engine.index_folder_with_ray(remote, remote.spec, folder, batch_size=16,
-                                         text_embedder=embedder).to_dict()
+    # The Ray workers are other processes: patched here, only the driver's hashing breaks.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("vqret.retrieval.indexer.file_hash", _driver_must_not_read)
+        b = ray_engine.index_folder_with_ray(remote, remote.spec, folder, batch_size=16,
+                                             text_embedder=embedder).to_dict()
     return {k: a[k] for k in REPORT_KEYS}, {k: b[k] for k in REPORT_KEYS}
 
 
@@ -162,6 +169,18 @@ def test_fsspec_urls_list_hash_and_embed_like_the_folder(folder, embedder):
     assert got.indices == local.indices and got.sizes == local.sizes
     assert got.failures == local.failures and [i for i, _ in got.failures] == [0]
     assert np.sum(got.embeddings * local.embeddings, axis=1).min() >= 0.999
+
+
+def test_ray_hashing_gives_the_local_digest_and_causes(folder):
+    """What a hash task computes for a file, a URL and a file that vanished, against the
+    driver's own hashing (the task's code run here, as in the test above)."""
+    names = [str(folder / "broken.jpg"), f"file://{folder}/empty.png", str(folder / "gone.png")]
+    out = ray_engine._hash_rows({"position": np.arange(3), "path": np.array(names, object)})
+    assert list(out["position"]) == [0, 1, 2]
+    assert list(out["hash"][:2]) == [file_hash(folder / "broken.jpg"), file_hash(folder /
+                                                                                 "empty.png")]
+    assert out["hash"][2] == "" and out["error"][2] == "unreadable (No such file or directory)"
+    assert list(out["error"][:2]) == ["", ""]
 
 
 def test_version_stamps_from_object_store_listings():
