@@ -101,8 +101,14 @@ def index(
         ),
     ] = None,
     commit_every: Annotated[
-        int, typer.Option("--commit-every", min=1, help="Commit after this many new images.")
-    ] = 512,
+        int | None,
+        typer.Option(
+            "--commit-every",
+            min=1,
+            help="Commit after this many new images, or 30 s (default: 512; with --engine ray "
+            "65536: a cluster embeds thousands a second).",
+        ),
+    ] = None,
     engine: Annotated[
         str, typer.Option(help="local | ray: embed in this process, or on a Ray cluster.")
     ] = "local",
@@ -150,7 +156,6 @@ def index(
 
         options = {
             "wait": wait,
-            "commit_every": commit_every,
             "index_kind": index_type,
             "index_memory": parse_bytes(index_memory) if index_memory else None,
         }
@@ -169,6 +174,8 @@ def index(
             )
             collection = Collection(collection.store, ray_embedder)
             options.update(indexer_options(ray_embedder))
+        if commit_every is not None:
+            options["commit_every"] = commit_every
         try:
             report = _run_index(collection, folder, options, show_progress, quiet)
         finally:

@@ -58,6 +58,11 @@ SHARDED_ABOVE = 2_000_000
 # Rows per (position, path) block handed to the actor pool: large enough that per-block
 # scheduling overhead is noise at 100M images, small enough that blocks spread over actors.
 MAX_BLOCK_ROWS = 4096
+# Rows per commit (the Indexer also commits every 30 s). Each commit writes a Parquet part and
+# rewrites the manifest, which lists every part: at the local engine's 512 rows, a cluster
+# embedding thousands of images a second would write 200k parts for 100M images, and a
+# manifest that grows with each of them.
+COMMIT_ROWS = 65536
 # Hashing: files per Ray Data block and per task call, and reading threads per task.
 HASH_BLOCK_ROWS = 1024
 HASH_BATCH_ROWS = 256
@@ -430,8 +435,13 @@ def index_folder_with_ray(
 
 def indexer_options(embedder: RayEmbedder) -> dict[str, Any]:
     """What the Ray engine changes in the local engine's `Indexer`: new files are hashed on
-    the cluster, and big collections build their IVF index in parallel tasks too."""
-    return {"hasher": embedder.hash_files, "index_updater": ray_update_after_write}
+    the cluster, commits are bigger, and big collections build their IVF index in parallel
+    tasks too."""
+    return {
+        "hasher": embedder.hash_files,
+        "commit_every": COMMIT_ROWS,
+        "index_updater": ray_update_after_write,
+    }
 
 
 # --------------------------------------------------------------------------------------------
