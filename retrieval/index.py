@@ -215,7 +215,7 @@ def update_index(
             if plan.refine:  # RAM or memory-mapped is the reader's choice, made per run
                 previous.refine, previous.bytes_per_vector = plan.refine, plan.bytes_per_vector
             plan = previous
-            _apply_changes(store, table, index, set(changed_ids))
+            _apply_changes(store, table, index, np.unique(np.fromiter(changed_ids, np.int64)))
     if index is None:
         ids, vectors = store.vectors(table)
         if plan.kind == "flat":
@@ -255,10 +255,9 @@ def update_after_write(
     )
 
 
-def _apply_changes(store: Store, table: str, index: faiss.Index, changed: set[int]) -> None:
-    if not changed:
+def _apply_changes(store: Store, table: str, index: faiss.Index, wanted: np.ndarray) -> None:
+    if not len(wanted):
         return
-    wanted = np.fromiter(changed, dtype=np.int64)
     if ann.refine_of(index) is not None:
         # IndexRefine can't remove ids: when any indexed vector changed, empty the trained
         # index and add every row again (no retraining); pure additions are appended.
@@ -270,7 +269,7 @@ def _apply_changes(store: Store, table: str, index: faiss.Index, changed: set[in
             return
     else:
         index.remove_ids(faiss.IDSelectorBatch(wanted))
-    rows = store.rows_by_id(changed, columns=["id", "embedding"], table=table)
+    rows = store.rows_by_id(wanted.tolist(), columns=["id", "embedding"], table=table)
     if rows:
         ids = np.fromiter(rows.keys(), dtype=np.int64)
         vectors = np.asarray([rows[i]["embedding"] for i in ids], dtype=np.float32)

@@ -352,7 +352,7 @@ class Indexer:
         self.report.index = self.index_updater(
             writer, IMAGES, kind=self.index_kind, memory=self.index_memory
         ).to_dict()
-        if self.store.count(TEXTS) or writer.changed_ids(TEXTS):
+        if self.store.count(TEXTS) or len(writer.changed_ids(TEXTS)):
             update_after_write(writer, TEXTS)
         self.report.seconds = time.perf_counter() - start
         return self.report
