@@ -112,6 +112,11 @@ def _nlist_for(n: int) -> int:
     return int(max(1, min(nlist, n // 39, 1 << 18)))
 
 
+def sq_code_bytes(bits: int, dim: int) -> int:
+    """Bytes of one vector's scalar-quantizer code (faiss SQ8, SQ6, SQ4)."""
+    return (bits * dim + 7) // 8
+
+
 def plan_index(
     n: int, dim: int, kind: str = "auto", memory: int | None = None, refine: bool = True
 ) -> IndexPlan:
@@ -135,9 +140,15 @@ def plan_index(
             kind, why = "ivf", f"IVF with fp16 vectors fits {memory >> 20} MiB"
         elif n * (dim + 16) <= memory:
             kind, why = "ivf8", f"IVF with 8-bit vectors fits {memory >> 20} MiB"
+        # Without re-ranking (sharded builds), 64-byte PQ codes stop near recall@10 0.5-0.65
+        # at any nprobe; 6- and 4-bit scalar codes reach ~0.95 and ~0.82 (benchmarks/README).
+        elif not refine and n * (sq_code_bytes(6, dim) + 16) <= memory:
+            kind, why = "ivf6", f"IVF with 6-bit vectors fits {memory >> 20} MiB"
+        elif not refine and n * (sq_code_bytes(4, dim) + 16) <= memory:
+            kind, why = "ivf4", f"IVF with 4-bit vectors fits {memory >> 20} MiB"
         else:
             kind, why = "ivfpq", f"only product quantization fits {memory >> 20} MiB"
-    elif n < MIN_TRAIN and kind in ("ivf", "ivfpq", "ivf8"):
+    elif n < MIN_TRAIN and kind in ("ivf", "ivfpq"):
         kind, why = "flat", f"{kind} asked for, but {n} vectors are too few to train it"
     else:
         why = "asked for"
@@ -153,9 +164,11 @@ def plan_index(
     if kind == "ivf":
         return IndexPlan("ivf", f"IVF{nlist},SQfp16", dim * 2 + 8, why, nlist=nlist,
                          rebuild_rule=rule + f"; retrained at {RETRAIN_GROWTH:g}x growth")
-    if kind == "ivf8":
-        return IndexPlan("ivf", f"IVF{nlist},SQ8", dim + 8, why, nlist=nlist,
-                         rebuild_rule=rule + f"; retrained at {RETRAIN_GROWTH:g}x growth")
+    for bits in (8, 6, 4):
+        if kind == f"ivf{bits}":
+            return IndexPlan("ivf", f"IVF{nlist},SQ{bits}", sq_code_bytes(bits, dim) + 8, why,
+                             nlist=nlist,
+                             rebuild_rule=rule + f"; retrained at {RETRAIN_GROWTH:g}x growth")
     # 8-bit PQ (and OPQ, which trains one) needs ~10k training points (256 centroids x 39);
     # smaller sets use 4-bit PQ without the rotation
     big = n >= 10_000

@@ -61,6 +61,26 @@ def test_auto_follows_the_memory_budget():
     assert roomy.bytes_per_vector > tight.bytes_per_vector > tiny.bytes_per_vector == 80
 
 
+def test_without_re_ranking_scalar_codes_come_before_pq():
+    """Sharded builds can't re-rank PQ (recall@10 ~0.5-0.65 without): 6- and 4-bit scalar
+    codes fill the budgets between 8-bit codes and PQ."""
+    n, dim = 100_000_000, 512
+    plans = {
+        per_vector: ann.plan_index(n, dim, "auto", memory=n * per_vector, refine=False)
+        for per_vector in (1040, 1039, 528, 527, 400, 399, 272, 271)
+    }
+    assert {k: p.factory.split(",")[-1] for k, p in plans.items()} == {
+        1040: "SQfp16", 1039: "SQ8", 528: "SQ8", 527: "SQ6", 400: "SQ6", 399: "SQ4",
+        272: "SQ4", 271: "PQ64x8np",
+    }
+    assert [plans[k].bytes_per_vector for k in (527, 399)] == [384 + 8, 256 + 8]
+    # with re-ranking the same tight budget still gets re-ranked PQ, as before
+    assert ann.plan_index(n, dim, "auto", memory=n * 400).factory.startswith("OPQ64,")
+    # and the codes are what faiss makes of the factory
+    sq6 = faiss.index_factory(dim, plans[527].factory.replace("IVF32768", "IVF4"))
+    assert sq6.code_size == 384
+
+
 def test_nlist_is_about_four_sqrt_n_with_enough_training_points():
     for n in (20_000, 100_000, 1_000_000, 100_000_000):
         nlist = ann.plan_index(n, 512, "ivf").nlist

@@ -301,7 +301,7 @@ def test_topk_merge_equals_exact_search():
     assert np.array_equal(found, ids[exact.search(queries, 10)[1]])
 
 
-@pytest.mark.parametrize("factory", ["IVF16,SQfp16", "PCA16,IVF8,Flat"])
+@pytest.mark.parametrize("factory", ["IVF16,SQfp16", "IVF16,SQ6", "PCA16,IVF8,Flat"])
 def test_merging_shards_equals_adding_in_one_index(factory):
     rng = np.random.default_rng(2)
     vectors = rng.standard_normal((2000, 32)).astype(np.float32)
