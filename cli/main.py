@@ -457,6 +457,10 @@ from vqret.cli.bench_query import register as _register_bench_query  # noqa: E40
 
 _register_bench_query(bench_app)
 
+from vqret.cli.bench_ray import register as _register_bench_ray  # noqa: E402
+
+_register_bench_ray(bench_app)
+
 
 @bench_app.command("recall")
 def bench_recall(
