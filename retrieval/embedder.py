@@ -294,6 +294,10 @@ class ImageBatch:
     embeddings: np.ndarray  # (B, D) float32, L2-normalised
     sizes: list[tuple[int, int]]  # (width, height) of each decoded image
     failures: list[tuple[int, str]]  # (position, cause) of files that didn't decode
+    # content hash of each decoded file, from an embedder that hashes what it reads
+    # (`hashes_what_it_reads`, the Ray engine's): the Indexer then skips its own hash pass
+    # on a first run
+    hashes: list[str] | None = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -247,9 +247,16 @@ class Indexer:
         self.report.unchanged += int(same_stat.sum())
         cand = np.flatnonzero(~same_stat)  # listing positions, in listing order
 
-        hashes = self._hash_all(cand, paths)
-        hashed = _mask(pc.is_valid(hashes))
-        cand, hashes = cand[hashed], hashes.filter(pa.array(hashed))
+        # A first run (no rows yet) has nothing to recognise a rename or a copy by: when the
+        # embedder hashes what it reads (the Ray engine's actors), each file is read once,
+        # not once to hash and again to embed. (Only the same content twice in this run is
+        # then embedded twice instead of copied.)
+        if not len(old_ids) and getattr(self.embedder, "hashes_what_it_reads", False):
+            hashes = pa.chunked_array([pa.nulls(len(cand), pa.large_string())])
+        else:
+            hashes = self._hash_all(cand, paths)
+            hashed = _mask(pc.is_valid(hashes))
+            cand, hashes = cand[hashed], hashes.filter(pa.array(hashed))
         cand_at = at[cand]
 
         # Rows free to be reused: files gone, or paths whose content changed. A path that
@@ -473,7 +480,8 @@ class Indexer:
         if not total:
             return
         paths = _NamedPaths(todo.listing["path"], todo.file_at[todo.pending], self._namer())
-        buffer: list[tuple[int, np.ndarray, tuple[int, int]]] = []
+        # (pending index, embedding, (width, height), content hash if the embedder gave one)
+        buffer: list[tuple[int, np.ndarray, tuple[int, int], str | None]] = []
         failed: list[int] = []
         last_commit = time.monotonic()
         done = 0
@@ -482,23 +490,26 @@ class Indexer:
             nonlocal buffer, last_commit
             if not buffer:
                 return
-            rows, vectors, widths, heights = [], [], [], []
-            for i, vec, (w, h) in buffer:
+            rows, vectors, widths, heights, read_hashes = [], [], [], [], []
+            for i, vec, (w, h), content in buffer:
                 for j in todo.with_copies(i):
                     rows.append(j)
                     vectors.append(vec)
                     widths.append(w)
                     heights.append(h)
+                    read_hashes.append(content)
             at = np.asarray(rows, np.int64)
             files = todo.listing.take(pa.array(todo.file_at[at], pa.int64()))
             ids = todo.row_ids[at]
+            planned = todo.hashes.take(pa.array(todo.hash_at[at], pa.int64()))
             table = pa.table(
                 {
                     "id": pa.array(ids, pa.int64()),
                     "path": files["path"],
                     "size": files["size"],
                     "mtime_ns": files["mtime_ns"],
-                    "hash": todo.hashes.take(pa.array(todo.hash_at[at], pa.int64())),
+                    # the hash the plan used, or the one the embedder took while reading
+                    "hash": pc.coalesce(planned, pa.array(read_hashes, pa.large_string())),
                     "width": pa.array(widths, pa.int32()),
                     "height": pa.array(heights, pa.int32()),
                     "embedding": embeddings_to_arrow(np.stack(vectors)),
@@ -516,7 +527,8 @@ class Indexer:
                     self._fail(todo.listing["path"][int(todo.file_at[j])].as_py(), cause)
                 failed.append(i)
             for j, i in enumerate(batch.indices):
-                buffer.append((i, batch.embeddings[j], batch.sizes[j]))
+                content = batch.hashes[j] if batch.hashes is not None else None
+                buffer.append((i, batch.embeddings[j], batch.sizes[j], content))
             done += len(batch.indices) + len(batch.failures)
             self.report.embedded += len(batch.indices)
             if self.on_progress:

@@ -28,6 +28,7 @@ level, so the CLI can import this module to say how to install it.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from . import ann
-from .content_hash import file_hash, unreadable
+from .content_hash import file_hash, stream_hash, unreadable
 from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
 from .index import index_files, load_saved, read_meta, save_index, update_after_write, update_index
 from .indexer import IndexReport, index_folder
@@ -137,16 +138,24 @@ class _EmbedWorker:
         threads = int(cfg["decode_threads"])
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
-    def _decode(self, path: str) -> tuple[Any, tuple[int, int], str | None]:
-        source: str | bytes = path
-        if is_url(path):
-            try:
-                source = _read_bytes(path)
-            except Exception as e:  # noqa: BLE001 - one unreadable object is one failure
-                return None, (0, 0), f"unreadable ({type(e).__name__}: {e})".splitlines()[0]
+    def _decode(self, path: str) -> tuple[Any, tuple[int, int], str | None, str]:
+        """(pixels, size, failure cause, content hash): each file is read once, into memory,
+        and hashed there, so a first run needs no separate hash pass."""
+        try:
+            if is_url(path):
+                try:
+                    data = _read_bytes(path)
+                except OSError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - botocore's errors: one failure each
+                    raise OSError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
+            else:
+                data = Path(path).read_bytes()
+        except OSError as err:
+            return None, (0, 0), unreadable(err), ""
         # The local engine's own per-file decode: same loader, draft size, transform, causes.
-        _, pixels, size, cause = _ImageFiles([source], self.embedder.preprocess, self.draft)[0]
-        return pixels, size, cause
+        _, pixels, size, cause = _ImageFiles([data], self.embedder.preprocess, self.draft)[0]
+        return pixels, size, cause, stream_hash(io.BytesIO(data))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -155,7 +164,7 @@ class _EmbedWorker:
         paths = [str(p) for p in batch["path"]]
         decoded = list(self.pool.map(self._decode, paths) if self.pool else map(
             self._decode, paths))
-        good = [i for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
+        good = [i for i, (pixels, *_) in enumerate(decoded) if pixels is not None]
         dim = self.embedder.embed_dim
         embeddings = np.zeros((len(paths), dim), np.float32)
         if good:
@@ -167,6 +176,7 @@ class _EmbedWorker:
             "width": np.asarray([d[1][0] for d in decoded], np.int32),
             "height": np.asarray([d[1][1] for d in decoded], np.int32),
             "error": np.asarray([d[2] or "" for d in decoded], dtype=object),
+            "hash": np.asarray([d[3] for d in decoded], dtype=object),
             # The actor's busy time, spread over the rows: images/s per worker without the
             # start-up and queueing that the driver's clock also sees.
             "seconds": np.full(len(paths), (time.perf_counter() - started) / len(paths)),
@@ -180,6 +190,9 @@ class RayEmbedder:
     (`Embedder.from_spec`), so weights must be reachable on every node: a pretrained tag in
     each node's Hugging Face cache (or downloadable), or a checkpoint at the same path.
     """
+
+    # Actors hash each file from the bytes they decode (see `_EmbedWorker._decode`).
+    hashes_what_it_reads = True
 
     def __init__(
         self,
@@ -390,6 +403,7 @@ def _to_image_batch(out: dict[str, np.ndarray], dim: int) -> ImageBatch:
         embeddings=embeddings,
         sizes=[(int(w), int(h)) for w, h in zip(out["width"][ok], out["height"][ok], strict=True)],
         failures=[(int(p), e) for p, e in zip(positions, errors, strict=True) if e],
+        hashes=[str(h) for h in out["hash"][ok]],
     )
 
 

@@ -90,3 +90,49 @@ def test_a_hasher_that_loses_an_answer_stops_the_run_before_any_change(tmp_path,
     with pytest.raises(RuntimeError, match="answered 1 times for 2 files"):
         index_folder(store, embedder, folder, hasher=lossy)
     assert _rows(store) == before
+
+
+class HashingWhileReading:
+    """An embedder that hashes each file it embeds, as the Ray engine's actors do."""
+
+    hashes_what_it_reads = True
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+        self.spec = embedder.spec
+
+    def __getattr__(self, name):
+        return getattr(self.embedder, name)
+
+    def iter_image_files(self, paths, num_workers=None):
+        for batch in self.embedder.iter_image_files(paths):
+            batch.hashes = [file_hash(paths[i]) for i in batch.indices]
+            yield batch
+
+
+def test_a_first_run_takes_hashes_from_the_embedder_and_reads_each_file_once(tmp_path, embedder):
+    folder = tmp_path / "images"
+    make_shape_folder(folder, 8, seed=8)
+    shutil.copy(sorted(folder.glob("*.png"))[3], folder / "same.png")  # the same content twice
+    (folder / "broken.png").write_bytes(b"not a png")
+    local = Store.create(tmp_path / "a.vqret", embedder.spec, folder)
+    other = Store.create(tmp_path / "b.vqret", embedder.spec, folder)
+
+    def no_hash_pass(names):
+        raise AssertionError(f"a hash pass on a first run: {list(names)}")
+
+    a = index_folder(local, embedder, folder)
+    b = index_folder(other, HashingWhileReading(embedder), folder, hasher=no_hash_pass)
+    assert _rows(local) == _rows(other)  # same ids, paths, sizes and content hashes
+    assert (b.added, b.failed) == (a.added, a.failed) == (9, a.failed)
+    assert [f.path for f in b.failed] == ["broken.png"]
+    # the one cost: the same content twice in a first run is embedded twice, not copied
+    assert (a.embedded, b.embedded) == (8, 9)
+
+    # Later runs have rows to match: new and changed files go through the hasher again.
+    hasher = reversed_hasher()
+    (folder / "same.png").rename(folder / "moved.png")
+    b = index_folder(other, HashingWhileReading(embedder), folder, hasher=hasher)
+    assert b.renamed == 1 and b.embedded == 0
+    # (a file that failed is tried again every run)
+    assert [Path(n).name for n in hasher.asked[0]] == ["broken.png", "moved.png"]

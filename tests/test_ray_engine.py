@@ -75,11 +75,22 @@ def _driver_must_not_read(path, *args, **kwargs):
     raise AssertionError(f"the driver read {path}: the Ray engine hashes on the cluster")
 
 
+HASH_JOBS: list[int] = []  # files in each Ray hash job of the last _run_both
+
+
 def _run_both(local: Store, remote: Store, embedder, folder: Path) -> tuple[dict, dict]:
     a = index_folder(local, embedder, folder).to_dict()
+    hash_files = ray_engine.RayEmbedder.hash_files
+    HASH_JOBS.clear()
+
+    def counted(self, paths):
+        HASH_JOBS.append(len(paths))
+        return hash_files(self, paths)
+
     # The Ray workers are other processes: patched here, only the driver's hashing breaks.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("vqret.retrieval.indexer.file_hash", _driver_must_not_read)
+        patch.setattr(ray_engine.RayEmbedder, "hash_files", counted)
         b = ray_engine.index_folder_with_ray(remote, remote.spec, folder, batch_size=16,
                                              text_embedder=embedder).to_dict()
     return {k: a[k] for k in REPORT_KEYS}, {k: b[k] for k in REPORT_KEYS}
@@ -117,7 +128,8 @@ def test_ray_engine_indexes_like_the_local_engine(local_ray, tmp_path, folder, e
     assert a == b
     assert a["added"] == 40 and a["embedded"] == 40
     assert sorted(f["path"] for f in a["failed"]) == ["broken.jpg", "empty.png"]
-    _assert_same_rows(local, remote)
+    assert HASH_JOBS == []  # a first run: the actors hash what they read, no hash job
+    _assert_same_rows(local, remote)  # hashes included
     _assert_same_search(local, remote, embedder, folder)
 
     # Second run after every kind of change: the same plan, ids and rows.
@@ -137,12 +149,15 @@ def test_ray_engine_indexes_like_the_local_engine(local_ray, tmp_path, folder, e
     assert a["added"] == 1 + 1 + 5  # copy, fixed file, new folder
     assert a["embedded"] == 1 + 1 + 5  # modified, fixed file, new folder (the copy isn't)
     assert sorted(f["path"] for f in a["failed"]) == ["empty.png", "truncated.png"]
+    # one hash job: renamed, copy, modified, fixed, truncated, empty (tried again), 5 new
+    assert HASH_JOBS == [1 + 1 + 1 + 1 + 1 + 1 + 5]
     _assert_same_rows(local, remote)
     _assert_same_search(local, remote, embedder, folder)
 
     # Third run, nothing changed: nothing goes through the model (no Ray job at all).
     a, b = _run_both(local, remote, embedder, folder)
     assert a == b and a["embedded"] == 0 and a["unchanged"] == len(local)
+    assert HASH_JOBS == [2]  # empty.png and truncated.png failed: tried again
     _assert_same_rows(local, remote)
 
 

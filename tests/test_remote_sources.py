@@ -186,9 +186,15 @@ def test_ray_engine_indexes_the_bucket_like_the_local_engine(s3, s3_store, tiny_
     _, env = s3
     store, _ = s3_store
     ray_store = tmp_path / "ray.vqret"
+    recorder, _ = s3
+    recorder.requests.clear()
     report = _index(tiny_clip, ray_store, env, "--engine", "ray")
     local, remote = Store(store), Store(ray_store)
     assert report["added"] == len(local) and report["embedded"] == len(local)
+    # A first run reads each object once: the actors hash what they download to embed
+    # (the local engine reads each twice, to hash and to embed).
+    gets = recorder.object_gets()
+    assert len(gets) == len(set(gets)) == len(local) + 1  # + broken.png
     a = local.read_table(["path", "hash", "embedding"]).sort_by("path").to_pylist()
     b = remote.read_table(["path", "hash", "embedding"]).sort_by("path").to_pylist()
     assert [(r["path"], r["hash"]) for r in a] == [(r["path"], r["hash"]) for r in b]
