@@ -32,7 +32,8 @@ def bench_ray(
     part: Annotated[str, typer.Option(help="embed | index | all")] = "all",
     folder: Annotated[
         Path | None,
-        typer.Option(help="embed: images to index [default: ../shared/data/caltech101-subset]"),
+        typer.Option(help="embed: images to index.",
+                     show_default="../shared/data/caltech101-subset"),
     ] = None,
     images: Annotated[int, typer.Option(help="embed: use the first N images.")] = 512,
     model: str = "ViT-B-32",
@@ -48,13 +49,14 @@ def bench_ray(
         str, typer.Option(help="index: in-process,sharded or one of them.")
     ] = "in-process,sharded",
     cpus: Annotated[
-        int | None, typer.Option(help="CPUs of the local Ray [default: all].")
+        int | None, typer.Option(help="CPUs of the local Ray.", show_default="all")
     ] = None,
     address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster instead of starting one.")
     ] = None,
     work: Annotated[
-        Path | None, typer.Option(help="index: folder for the temporary store [default: /tmp]")
+        Path | None,
+        typer.Option(help="index: folder for the temporary store.", show_default="temp dir"),
     ] = None,
     report: Annotated[
         Path | None, typer.Option(help="Also write the JSON report to this file.")
@@ -107,6 +109,10 @@ def _one(text: str, hint: str) -> int:
     return values[0]
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _print_summary(result: dict) -> None:
     if "embed" in result:
         e = result["embed"]
@@ -124,7 +130,7 @@ def _print_summary(result: dict) -> None:
             out.print(
                 f"{r['engine']:>18} {r['actors']:>6} {r['wall_s']:>7.1f} "
                 f"{r['images_per_s']:>7.2f} {r['ratio_images_per_s']:>7.2f} "
-                f"{r.get('fixed_s', 0):>7.1f} {r['steady_images_per_s'] or float('nan'):>8.2f} "
+                f"{r.get('fixed_s', 0):>7.1f} {_num(r['steady_images_per_s']):>8} "
                 f"{per_cpu or 0:>9.2f} {r.get('ratio_per_cpu', 1.0):>7.2f}", highlight=False,
                 soft_wrap=True)
         out.print("fixed s: wall time beyond images / working rate (start-up, tail); per CPU: "
