@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -502,12 +503,14 @@ def _sample_rows(
 
 
 def _add_shard(
-    trained: np.ndarray, paths: list[str], dim: int, queries: np.ndarray, k: int
+    trained: np.ndarray, paths: list[str], dim: int, queries: np.ndarray, k: int, out: str
 ) -> dict[str, Any]:
-    """Fill a copy of the trained (empty) index with these parts' vectors.
+    """Fill a copy of the trained (empty) index with these parts' vectors, written to `out`.
 
     Also the exact top-k of the tuning queries within the shard, so recall can be measured
-    against exact search without any process seeing the whole collection.
+    against exact search without any process seeing the whole collection. The shard goes
+    back as a file beside the parts, not as bytes through Ray's object store: the driver then
+    reads it once (`read_index`), where deserializing held the bytes and two copies at once.
     """
     import faiss
 
@@ -522,8 +525,9 @@ def _add_shard(
             scores, pos = faiss.knn(queries, vectors, min(k, len(vectors)),
                                     metric=faiss.METRIC_INNER_PRODUCT)
             best_scores, best_ids = _merge_topk(best_scores, best_ids, scores, ids[pos], k)
+    faiss.write_index(index, out)
     return {
-        "index": faiss.serialize_index(index),
+        "index": out,
         "scores": best_scores,
         "ids": best_ids,
         "rows": rows,
@@ -644,23 +648,32 @@ def build_sharded_index(
     # The queries are members of the collection: k+1 neighbours, then each drops itself.
     k = min(10, n - 1) + 1
     add_task = ray.remote(num_cpus=1)(_add_shard)
-    pending = [add_task.remote(trained_ref, s, dim, queries_ref, k) for s in shards]
+    # ".tmp-" files: a writer that starts after a killed build removes them (StoreWriter)
+    outs = [str(store.path / f".tmp-shard-{uuid.uuid4().hex[:8]}-{i}.faiss")
+            for i in range(len(shards))]
+    pending = [add_task.remote(trained_ref, s, dim, queries_ref, k, out)
+               for s, out in zip(shards, outs, strict=True)]
     merged = None
     truth_scores = np.full((len(queries), k), -np.inf, np.float32)
     truth_ids = np.full((len(queries), k), -1, np.int64)
-    while pending:
-        # Merge whichever shard is ready first: one shard in flight here, not all of them.
-        ready, pending = ray.wait(pending, num_returns=1)
-        result = ray.get(ready[0])
-        shard = faiss.deserialize_index(result.pop("index"))
-        if merged is None:
-            merged = shard
-        else:
-            merge_into(merged, shard)
-        truth_scores, truth_ids = _merge_topk(
-            truth_scores, truth_ids, result["scores"], result["ids"], k
-        )
-        del shard, result
+    try:
+        while pending:
+            # Merge whichever shard is ready first: one shard in flight here, not all.
+            ready, pending = ray.wait(pending, num_returns=1)
+            result = ray.get(ready[0])
+            shard = faiss.read_index(result["index"])
+            Path(result["index"]).unlink()
+            if merged is None:
+                merged = shard
+            else:
+                merge_into(merged, shard)
+            truth_scores, truth_ids = _merge_topk(
+                truth_scores, truth_ids, result["scores"], result["ids"], k
+            )
+            del shard, result
+    finally:
+        for out in outs:  # a failed task's, or those a failure left unmerged
+            Path(out).unlink(missing_ok=True)
     if merged is None or merged.ntotal != n:
         raise RuntimeError(f"sharded build: {0 if merged is None else merged.ntotal} of {n} "
                            "vectors after merging; the store changed underneath?")

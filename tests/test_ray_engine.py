@@ -261,6 +261,7 @@ def test_sharded_index_holds_what_one_process_would(local_ray, tmp_path):
     assert saved is not None
     index, meta = saved
     assert index.ntotal == 3000 and meta["asked"] == "ivf"
+    assert not list(store.path.glob(".tmp-*"))  # the shards' files, merged and removed
 
     # Every vector sits in the list its quantizer assigns it to, exactly once: what adding
     # all of them in one process to the same trained index gives.
