@@ -49,6 +49,10 @@ TABLES = (IMAGES, TEXTS)  # each table's parts live in a folder of the same name
 # Parts smaller than this are merged at the end of an indexing run, so a collection built in
 # many small commits doesn't end up as thousands of files.
 COMPACT_ROWS = 100_000
+# Rows per Parquet row group: a reader streaming a part (`iter_batches`, the sharded index
+# build's tasks) decodes a whole row group at a time, and one row group per 100k-row part
+# is ~200 MB of embeddings at d = 512.
+ROW_GROUP_ROWS = 8192
 
 
 class StoreError(RuntimeError):
@@ -416,7 +420,7 @@ class StoreWriter:
         name = f"part-{self.store.generation + 1:06d}-{uuid.uuid4().hex[:8]}.parquet"
         final = self.store.path / table / name
         tmp = final.with_name(f".tmp-{name}")
-        pq.write_table(rows, tmp, compression="zstd")
+        pq.write_table(rows, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
