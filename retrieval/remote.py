@@ -2,9 +2,10 @@
 
 The store stays a local folder; only the images are remote. Rows keep each image's full URL
 as their `path`, so search results, failures and the server name the object itself. A run
-lists the prefix once (`fs.find(detail=True)`: paged LIST requests, nothing per object), and
-an object whose size and version stamp (the listing's modification time and ETag) match its
-row is not read at all: an unchanged bucket costs its listing and nothing else.
+lists the prefix once (on S3 the paged LIST requests `fs.find` sends, nothing per object,
+taken a page at a time), and an object whose size and version stamp (the listing's
+modification time and ETag) match its row is not read at all: an unchanged bucket costs its
+listing and nothing else.
 
 Credentials and endpoints come from each filesystem's own configuration (AWS_* variables or
 ~/.aws for s3fs, GOOGLE_APPLICATION_CREDENTIALS for gcsfs) or fsspec's
@@ -18,7 +19,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -94,34 +95,111 @@ class FsspecSource:
         return f"{self.protocol}://{full}" if not is_url(full) else full
 
     def walk(self, on_error: Callable[[str, str], None] | None = None) -> Iterator[FileEntry]:
-        """Image objects under the URL in name order, skipped like `walk_images` skips.
+        """Image objects under the URL in name order (the order one sorted listing of their
+        full paths gives), skipped like `walk_images` skips.
 
-        A listing that fails raises StoreError before anything is compared, so an outage
-        never reads as "every image was deleted".
+        Streamed: S3 a page of ListObjectsV2 at a time, other filesystems a folder at a time,
+        so the listing of 100M objects is never held at once (benchmarks/README.md, "what
+        the driver holds per row"). A listing that fails, at its first page or its last,
+        raises StoreError before anything is compared (the Indexer builds its whole listing
+        table before it plans), so an outage never reads as "every image was deleted".
         """
+        listed = False
+        for info in self._listing():
+            listed = True
+            full = info["name"]
+            rel = full[len(self.root) :].lstrip("/")
+            names = rel.split("/")
+            if any(_skipped(n) for n in names):
+                continue
+            if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            url = f"{self.url}/{rel}"
+            try:
+                entry = FileEntry(url, int(info["size"]), version_ns(info))
+            except (KeyError, TypeError, ValueError) as e:
+                if on_error is not None:
+                    on_error(url, f"unreadable listing entry ({e})")
+                continue
+            yield entry
+        if not listed and not self._guarded(lambda: self.fs.isdir(self.root)):
+            raise StoreError(f"{self.url}: no such folder or prefix")
+
+    def _guarded(self, step: Callable[[], Any]) -> Any:
+        """step(), with any failure of the filesystem as StoreError "can't list"."""
         try:
-            found = self.fs.find(self.root, withdirs=False, detail=True)
-            if not found and not self.fs.isdir(self.root):
-                raise StoreError(f"{self.url}: no such folder or prefix")
+            return step()
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001 - OSError, botocore's NoCredentialsError, ...
             cause = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise StoreError(f"{self.url}: can't list ({cause})") from None
-        for full in sorted(found):
-            rel = full[len(self.root) :].lstrip("/")
-            names = rel.split("/")
-            if any(n.startswith(".") or n.lower() in SKIPPED_DIRS for n in names):
-                continue
-            if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            url = f"{self.url}/{rel}"
-            info = found[full]
-            try:
-                yield FileEntry(url, int(info["size"]), version_ns(info))
-            except (KeyError, TypeError, ValueError) as e:
-                if on_error is not None:
-                    on_error(url, f"unreadable listing entry ({e})")
+
+    def _listing(self) -> Iterator[dict[str, Any]]:
+        """The fsspec info of every object under the root (folders aside), in full-path
+        order, one page or folder held at a time."""
+        if _lists_in_name_order(self.fs, self.root):
+            infos = self._s3_pages()
+        else:
+            infos = self._folders()
+        while (info := self._guarded(lambda: next(infos, None))) is not None:
+            yield info
+
+    def _s3_pages(self) -> Iterator[dict[str, Any]]:
+        """One ListObjectsV2 without a delimiter, as `find` sends it (the same requests:
+        one per 1000 objects), taken a page at a time instead of gathered and sorted.
+        S3 returns keys in UTF-8 byte order, which is Python's order of the decoded
+        names: the order `sorted()` gave when the whole listing was held."""
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self.root)
+        prefix = key.lstrip("/") + "/" if key else ""  # the objects *under* root/, as find
+        objects = self.fs._iterdir(bucket, delimiter="", prefix=prefix)
+        previous = ""
+        try:
+            while page := sync(self.fs.loop, _take, objects, LIST_PAGE):
+                for info in page:
+                    # the Indexer's ids follow the listing order: never let it drift unseen
+                    if info["name"] < previous:
+                        raise StoreError(
+                            f"{self.url}: the listing is not in name order ({info['name']} "
+                            f"after {previous}); this S3 endpoint doesn't sort its keys"
+                        )
+                    previous = info["name"]
+                    yield info
+        finally:
+            sync(self.fs.loop, objects.aclose)  # a run that stops early ends the listing
+
+    def _folders(self) -> Iterator[dict[str, Any]]:
+        """Depth-first, each folder's entries sorted as their full paths sort (a folder as
+        its name + "/", which everything in it starts with): the order of one sorted
+        listing, holding one folder's listing per level. Hidden and skipped folders are
+        not listed at all."""
+        stack = [self._folder(self.root)]
+        while stack:
+            info = next(stack[-1], None)
+            if info is None:
+                stack.pop()
+            elif info["type"] != "directory":
+                yield info
+            elif not _skipped(info["name"].rstrip("/").rsplit("/", 1)[-1]):
+                stack.append(self._folder(info["name"]))
+
+    def _folder(self, path: str) -> Iterator[dict[str, Any]]:
+        # Around the ls: a listing cached by an earlier call may be stale, and one kept by
+        # this call would hold the whole tree in the filesystem's cache by the end.
+        self.fs.invalidate_cache(path)
+        try:
+            infos = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return iter(())  # gone since its parent was listed; a missing root: walk says so
+        finally:
+            self.fs.invalidate_cache(path)
+        here = path.rstrip("/")
+        # some stores list a folder itself (S3's "folder/" marker): not an entry of it
+        infos = [i for i in infos if i["name"].rstrip("/") != here]
+        infos.sort(key=_listing_order)
+        return iter(infos)
 
     def _inside(self, name: str) -> str:
         """The filesystem path of a listed URL (or of a path relative to the source)."""
@@ -138,6 +216,40 @@ class FsspecSource:
     def path(self, name: str) -> str:
         """The URL the embedder (or a Ray actor) opens for a listed entry."""
         return name if is_url(name) else f"{self.url}/{name}"
+
+
+LIST_PAGE = 1000  # objects taken from an S3 listing at a time: one ListObjectsV2 page
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SKIPPED_DIRS
+
+
+def _listing_order(info: dict[str, Any]) -> str:
+    name = info["name"].rstrip("/")
+    return name + "/" if info["type"] == "directory" else name
+
+
+def _lists_in_name_order(fs: Any, root: str) -> bool:
+    """S3 lists a whole prefix in name order, 1000 keys a request: no folder-by-folder walk
+    needed. Not S3 Express directory buckets (names ending --x-s3), which list unsorted."""
+    try:
+        from s3fs import S3FileSystem
+    except ImportError:
+        return False
+    bucket = root.lstrip("/").split("/", 1)[0]
+    return isinstance(fs, S3FileSystem) and not bucket.endswith("--x-s3")
+
+
+async def _take(items: AsyncIterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The next n items of an async listing (fewer at its end): one trip to fsspec's event
+    loop per page, not per object."""
+    page = []
+    async for item in items:
+        page.append(item)
+        if len(page) == n:
+            break
+    return page
 
 
 def version_ns(info: dict[str, Any]) -> int:

@@ -8,6 +8,7 @@ memory:// covers the Python API and the server in-process.
 from __future__ import annotations
 
 import io
+import math
 import os
 import threading
 from pathlib import Path
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 from conftest import run_cli, run_json
 from fixtures.shapes import draw_shape, make_shape_folder
-from vqret.retrieval.store import Store
+from vqret.retrieval import remote
+from vqret.retrieval.remote import FsspecSource, version_ns
+from vqret.retrieval.store import Store, StoreError
 
 N_IMAGES = 48
 BUCKET = "shapes"
@@ -29,18 +32,24 @@ PREFIX = f"s3://{BUCKET}/photos"
 
 
 class _Recorder:
-    """WSGI middleware: (method, path, query) of every request moto answers."""
+    """WSGI middleware: (method, path, query) of every request moto answers. With
+    `deny_next_pages` set, a listing's second and later pages are refused (403), as an
+    outage or a token expiring halfway through a long listing would."""
 
     def __init__(self, app):
         self.app = app
         self.requests: list[tuple[str, str, str]] = []
+        self.deny_next_pages = False
         self._lock = threading.Lock()
 
     def __call__(self, environ, start_response):
+        query = environ.get("QUERY_STRING", "")
         with self._lock:
-            self.requests.append(
-                (environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("QUERY_STRING", ""))
-            )
+            self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], query))
+        if self.deny_next_pages and "list-type=2" in query and "continuation-token" in query:
+            start_response("403 Forbidden", [("Content-Type", "application/xml")])
+            return [b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
+                    b"<Message>Access Denied</Message></Error>"]
         return self.app(environ, start_response)
 
     def object_gets(self) -> list[str]:
@@ -150,7 +159,7 @@ def test_unchanged_bucket_costs_the_listing_only(s3, bucket, s3_store, tiny_clip
     recorder.requests.clear()
     report = _index(tiny_clip, store, env)
     assert report["unchanged"] == N_IMAGES and report["embedded"] == 0
-    assert recorder.listings() >= 1
+    assert recorder.listings() == 1  # one page: the listing, streamed, and nothing per object
     # nothing unchanged is downloaded; the file that failed last run is retried (read again)
     assert set(recorder.object_gets()) == {f"/{BUCKET}/photos/broken.png"}
 
@@ -200,6 +209,134 @@ def test_ray_engine_indexes_the_bucket_like_the_local_engine(s3, s3_store, tiny_
     assert [(r["path"], r["hash"]) for r in a] == [(r["path"], r["hash"]) for r in b]
     cosine = [np.dot(x["embedding"], y["embedding"]) for x, y in zip(a, b, strict=True)]
     assert min(cosine) >= 0.999
+
+
+# --------------------------------------------------------------------------------------------
+# The listing is streamed: a page (S3) or a folder (other filesystems) at a time
+# --------------------------------------------------------------------------------------------
+
+# Objects under a prefix, and the images a walk yields from them, in the order one sorted
+# listing of their full paths gives: "-" < "." < "/" puts a-b.png and a.png before the
+# folder a/, capitals before small letters, é after ASCII.
+TREE = [
+    "a/b.png", "a/c/d.PNG", "a-b.png", "a.png", "Z.jpg", "é.png", "b/ok.jpeg", "b/readme",
+    "b/.hidden.png", ".cache/x.png", "node_modules/x.png", "@eaDir/x.jpg", "notes.txt",
+    "z/y/x/w.webp",
+]
+TREE_IMAGES = ["Z.jpg", "a-b.png", "a.png", "a/b.png", "a/c/d.PNG", "b/ok.jpeg", "z/y/x/w.webp",
+               "é.png"]
+
+
+@pytest.fixture(scope="module")
+def tree(s3, bucket):
+    """TREE under s3://shapes/tree (object i has i + 1 bytes), plus a folder marker."""
+    _s3fs().pipe({f"{BUCKET}/tree/{name}": b"x" * (i + 1) for i, name in enumerate(TREE)}
+                 | {f"{BUCKET}/tree/empty/": b""})
+    return f"s3://{BUCKET}/tree"
+
+
+def test_s3_listing_streams_a_page_at_a_time_in_name_order(s3, tree, monkeypatch):
+    recorder, _ = s3
+    # pages of 3 objects, from moto and taken by the walk (S3 and the walk use 1000)
+    monkeypatch.setenv("MOTO_S3_DEFAULT_MAX_KEYS", "3")
+    monkeypatch.setattr(remote, "LIST_PAGE", 3)
+    recorder.requests.clear()
+    walk = FsspecSource(tree).walk()
+    first = next(walk)
+    assert recorder.listings() == 1  # the first image came with the first page
+    entries = [first, *walk]
+    assert [e.relpath for e in entries] == [f"{tree}/{name}" for name in TREE_IMAGES]
+    assert recorder.listings() == math.ceil((len(TREE) + 1) / 3)
+    assert not recorder.object_gets()  # nothing per object
+
+    # the same requests, sizes and version stamps as the whole listing fs.find() returns
+    recorder.requests.clear()
+    found = _s3fs().find(tree.removeprefix("s3://"), detail=True)
+    assert recorder.listings() == math.ceil((len(TREE) + 1) / 3)
+    keys = [f"{BUCKET}/tree/{name}" for name in TREE_IMAGES]
+    assert [(e.size, e.mtime_ns) for e in entries] == [
+        (found[k]["size"], version_ns(found[k])) for k in keys
+    ]
+    assert [e.size for e in entries] == [TREE.index(name) + 1 for name in TREE_IMAGES]
+
+
+def test_s3_listing_out_of_name_order_is_refused(s3, monkeypatch):
+    # S3 sorts every listing; an endpoint that doesn't would make the Indexer's ids
+    # follow its order unseen (the whole listing is no longer held to be sorted)
+    source = FsspecSource(f"s3://{BUCKET}/unsorted")
+
+    async def unsorted(bucket, **kw):
+        for name in ("b.png", "a.png"):
+            yield {"name": f"{bucket}/unsorted/{name}", "size": 1, "ETag": name}
+
+    monkeypatch.setattr(source.fs, "_iterdir", unsorted)
+    walk = source.walk()
+    assert next(walk).relpath == f"s3://{BUCKET}/unsorted/b.png"
+    with pytest.raises(StoreError, match="not in name order .*a.png after .*b.png"):
+        next(walk)
+
+
+@pytest.mark.parametrize("protocol", ["memory", "file"])
+def test_folder_by_folder_walk_gives_the_order_of_one_sorted_listing(protocol, tmp_path,
+                                                                    monkeypatch):
+    import fsspec
+
+    fs = fsspec.filesystem(protocol)
+    root = f"/walk-{os.getpid()}" if protocol == "memory" else str(tmp_path / "walk")
+    for i, name in enumerate(TREE):
+        fs.makedirs(f"{root}/{name}".rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe(f"{root}/{name}", b"x" * (i + 1))
+    fs.makedirs(f"{root}/empty", exist_ok=True)
+    url = f"{protocol}://{root}"
+    try:
+        listed: list[str] = []
+        ls = fs.ls
+        monkeypatch.setattr(fs, "ls", lambda path, **kw: listed.append(path) or ls(path, **kw))
+        entries = list(FsspecSource(url).walk())
+        assert [e.relpath for e in entries] == [f"{url}/{name}" for name in TREE_IMAGES]
+        assert [e.size for e in entries] == [TREE.index(name) + 1 for name in TREE_IMAGES]
+        # hidden and bookkeeping folders are not even listed
+        assert not [p for p in listed if any(s in p for s in (".cache", "node_modules", "@eaDir"))]
+
+        # a folder that can't be listed halfway through: StoreError, not a shorter listing
+        # (fs.find omitted such a folder silently, so its images read as deleted)
+        def failing(path, **kw):
+            if path.rstrip("/").endswith("/z/y"):
+                raise PermissionError(13, "Permission denied")
+            return ls(path, **kw)
+
+        monkeypatch.setattr(fs, "ls", failing)
+        walk = FsspecSource(url).walk()
+        assert next(walk).relpath == f"{url}/Z.jpg"
+        with pytest.raises(StoreError, match=f"{url}: can't list .*Permission denied"):
+            list(walk)
+    finally:
+        monkeypatch.undo()
+        fs.rm(root, recursive=True)
+    with pytest.raises(StoreError, match="no such folder or prefix"):
+        list(FsspecSource(url).walk())
+
+
+def test_listing_failing_after_its_first_page_leaves_the_store_untouched(s3, s3_store,
+                                                                        tiny_clip, monkeypatch):
+    recorder, env = s3
+    store, _ = s3_store
+    before = {p: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+    rows = Store(store).read_table().sort_by("id")
+    monkeypatch.setenv("MOTO_S3_DEFAULT_MAX_KEYS", "10")  # ~50 objects: several pages
+    recorder.requests.clear()
+    recorder.deny_next_pages = True
+    try:
+        result = run_cli("index", PREFIX, "--store", str(store), "--model", tiny_clip[0],
+                         "--pretrained", tiny_clip[1], "--device", "cpu", check=False, env=env)
+    finally:
+        recorder.deny_next_pages = False
+    assert recorder.listings() == 2  # the first page listed, the second refused
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"{PREFIX}: can't list" in result.stderr and "Access Denied" in result.stderr
+    assert {p: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()} == before
+    assert Store(store).read_table().sort_by("id").equals(rows)
 
 
 # --------------------------------------------------------------------------------------------
