@@ -213,10 +213,28 @@ class Indexer:
             self.on_failure(failure)
 
     def run(self, writer: StoreWriter) -> IndexReport:
+        """Bring the rows in line with the folder, then the search index with the rows."""
+        start = time.perf_counter()
+        # The plan's columns live in _sync_rows' frame: let go before the index is built,
+        # which at 100M rows needs the memory as much as the plan did.
+        self._sync_rows(writer)
+        writer.compact()
+        self._sync_sidecars(writer)
+        # Failing files are retried every run, so this run's failures are the whole list.
+        writer.commit(failures=self.report.failed)
+        self.report.index = self.index_updater(
+            writer, IMAGES, kind=self.index_kind, memory=self.index_memory
+        ).to_dict()
+        if self.store.count(TEXTS) or len(writer.changed_ids(TEXTS)):
+            update_after_write(writer, TEXTS)
+        self.report.seconds = time.perf_counter() - start
+        return self.report
+
+    def _sync_rows(self, writer: StoreWriter) -> None:
         """Plan the run on Arrow and numpy columns, not a Python object per row: the driver
         of a 100M-image collection peaks at a few hundred bytes per row, not kilobytes
-        (benchmarks/README.md, "what the driver holds per row")."""
-        start = time.perf_counter()
+        (benchmarks/README.md, "what the driver holds per row"); then commit metadata-only
+        changes and embed the rest."""
         # The writer holds the lock: the rows can't change between this read and the hashes'.
         old = self.store.read_table(["id", "path", "size", "mtime_ns"])
         old_ids = old.column("id").to_numpy().astype(np.int64, copy=False)
@@ -351,18 +369,6 @@ class Indexer:
         # 2. Embeddings, in committed batches.
         to_embed = _ToEmbed(listing, hashes, cand[left], left, row_ids, reuse, pending, dups)
         self._embed_and_commit(writer, to_embed)
-
-        writer.compact()
-        self._sync_sidecars(writer)
-        # Failing files are retried every run, so this run's failures are the whole list.
-        writer.commit(failures=self.report.failed)
-        self.report.index = self.index_updater(
-            writer, IMAGES, kind=self.index_kind, memory=self.index_memory
-        ).to_dict()
-        if self.store.count(TEXTS) or len(writer.changed_ids(TEXTS)):
-            update_after_write(writer, TEXTS)
-        self.report.seconds = time.perf_counter() - start
-        return self.report
 
     def _sync_sidecars(self, writer: StoreWriter) -> None:
         """Captions in photo.txt / photo.json beside the images become text rows."""
