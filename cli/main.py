@@ -81,7 +81,10 @@ def index(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
     workers: Annotated[
         int | None,
-        typer.Option(help="Decode processes (default: 1 per 8 CPU cores; up to 8 with CUDA)."),
+        typer.Option(
+            help="Decode processes (default: 1 per 8 CPU cores; up to 8 with CUDA); with "
+            "--engine ray, model actors (default: 1 per GPU, else 1 per CPU)."
+        ),
     ] = None,
     rebuild: Annotated[bool, typer.Option(help="Discard the store and start over.")] = False,
     wait: Annotated[
@@ -167,6 +170,7 @@ def index(
             ray_embedder = RayEmbedder(
                 collection.store.spec,
                 address=address,
+                num_workers=workers,
                 batch_size=batch_size,
                 device=device,
                 precision=precision,
@@ -176,10 +180,12 @@ def index(
             options.update(indexer_options(ray_embedder))
         if commit_every is not None:
             options["commit_every"] = commit_every
+        ray_run: dict = {}
         try:
             report = _run_index(collection, folder, options, show_progress, quiet)
         finally:
             if engine == "ray":
+                ray_run = _ray_summary(ray_embedder.last_run)
                 ray_embedder.close()
         # Once per model: text searches then start without torch (retrieval/onnx_text.py).
         text_status = collection.prepare_fast_text_search()
@@ -187,9 +193,28 @@ def index(
         err.print(f"text encoder {text_status} (ONNX): text searches start without torch",
                   highlight=False)
     if as_json:
-        print(json.dumps(report.to_dict()))
+        print(json.dumps(report.to_dict() | ({"ray": ray_run} if ray_run else {})))
     elif not quiet:
         _print_summary(report, collection)
+        if ray_run:
+            out.print(
+                f"on Ray: {ray_run['actors']} actor(s) x {ray_run['num_cpus']:g} CPU"
+                + (f" + {ray_run['num_gpus']} GPU" if ray_run["num_gpus"] else "")
+                + (f", {ray_run['images_per_actor_second']} images/s per actor"
+                   if ray_run.get("images_per_actor_second") else ""),
+                highlight=False,
+            )
+
+
+def _ray_summary(last_run: dict) -> dict:
+    """What the Ray engine used for the images it embedded (nothing when none went)."""
+    if not last_run:
+        return {}
+    summary = {k: last_run[k] for k in ("actors", "num_cpus", "num_gpus", "device", "images")}
+    busy = last_run.get("worker_seconds") or 0.0
+    # one actor's rate, from the actors' busy time: what the 100M arithmetic needs
+    summary["images_per_actor_second"] = round(last_run["images"] / busy, 2) if busy else None
+    return summary
 
 
 def _run_index(collection, folder: str, options: dict, show_progress: bool, quiet: bool):

@@ -361,8 +361,12 @@ def test_cli_engine_ray_on_a_running_cluster(local_ray, tmp_path, folder, tiny_c
     store = tmp_path / "cli.vqret"
     report = run_json("index", str(folder), "--store", str(store), "--model", tiny_clip[0],
                       "--pretrained", tiny_clip[1], "--device", "cpu", "--engine", "ray",
-                      "--address", address, "-b", "16")
+                      "--address", address, "-b", "16", "--workers", "1")
     assert (report["added"], report["embedded"]) == (40, 40)
+    # --workers caps the actor pool; the report says what ran and one actor's rate
+    ray_run = report["ray"]
+    assert (ray_run["actors"], ray_run["device"], ray_run["images"]) == (1, "cpu", 42)
+    assert ray_run["images_per_actor_second"] > 0
     assert sorted(f["path"] for f in report["failed"]) == ["broken.jpg", "empty.png"]
     local = Store.create(tmp_path / "local.vqret", embedder.spec, folder)
     index_folder(local, embedder, folder)
