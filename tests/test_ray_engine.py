@@ -385,3 +385,22 @@ def test_cli_without_ray_says_how_to_install_it(tmp_path, folder):
     assert proc.stderr.strip().splitlines() == [
         "error: --engine ray needs Ray with Ray Data: pip install 'vqret[ray]'"
     ]
+
+
+def test_actor_plan_follows_the_cluster(monkeypatch, embedder):
+    """One actor per GPU with its share of CPUs for decoding; one per CPU without GPUs; never
+    more actors than batches. (What the actors then do on a GPU can't run here.)"""
+    def plan(resources, n_paths, **options):
+        monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+        return ray_engine.RayEmbedder(embedder.spec, batch_size=64, **options)._plan(n_paths)
+
+    gpus = {"CPU": 64.0, "GPU": 4.0}
+    assert plan(gpus, 100_000) == {"actors": 4, "num_gpus": 1, "num_cpus": 8.0,
+                                   "device": "cuda"}
+    assert plan({"CPU": 12.0, "GPU": 4.0}, 100_000)["num_cpus"] == 3.0
+    assert plan(gpus, 100)["actors"] == 2  # 100 files: two batches of 64
+    assert plan(gpus, 100_000, device="cpu") == {"actors": 64, "num_gpus": 0, "num_cpus": 1.0,
+                                                 "device": "cpu"}
+    assert plan({"CPU": 16.0}, 100_000, num_workers=3)["actors"] == 3
+    with pytest.raises(ValueError, match="no GPU"):
+        plan({"CPU": 16.0}, 100_000, device="cuda")
