@@ -11,9 +11,10 @@ ids, commits and failure reports are the local engine's by construction:
             model loaded once per actor, 1 GPU each when the cluster has GPUs)
         ->  iter_batches on the driver  ->  Indexer commits
 
-A new file is read twice, both times on the cluster: once to hash it (the plan needs every
-new file's hash to recognise renames and copies before anything is embedded) and once to
-embed it.
+The driver reads no image. On an incremental run a new or changed file is read twice, both
+times on the cluster: once to hash it (the plan needs its hash to recognise renames and copies
+before anything is embedded) and once to embed it. A first run has nothing to recognise, so
+the actors hash the bytes they read to embed (`hashes_what_it_reads`): one read per file.
 
 Results stream back as actors finish batches (no materialisation), so the driver commits
 while the cluster keeps embedding, and a killed run loses at most what wasn't committed.
