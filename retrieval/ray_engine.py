@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import math
+import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -88,8 +89,13 @@ def require_ray() -> Any:
     return ray
 
 
+class ClusterUnreachableError(ValueError):
+    """`--address` names no Ray cluster that answers (a ValueError: the CLI's one line)."""
+
+
 def connect(address: str | None = None) -> bool:
-    """Join the Ray cluster at `address` ("auto", "ray://host:10001"), or start a local one.
+    """Join the Ray cluster at `address` ("auto", "HOST:6379", "ray://HOST:10001"), or start
+    a local one.
 
     Returns True when this call started Ray (so the caller may shut it down). An already
     initialised Ray (a test, a notebook, a Ray job's driver) is used as it is.
@@ -97,14 +103,39 @@ def connect(address: str | None = None) -> bool:
     ray = require_ray()
     if ray.is_initialized():
         return False
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        # Actors import vqret and torch; their own logs go to the driver's stderr.
-        log_to_driver=True,
-    )
+    _check_reachable(address)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            # Actors import vqret and torch; their own logs go to the driver's stderr.
+            log_to_driver=True,
+        )
+    except ConnectionError as e:  # "auto" with no cluster running on this machine
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ClusterUnreachableError(f"Ray cluster {address}: {first}") from None
     return True
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds, in one line, when nothing listens at HOST:PORT: Ray itself retries
+    an unreachable GCS for minutes, logging a warning every few seconds."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachableError(
+            f"Ray cluster {address}: expected auto, HOST:PORT or ray://HOST:PORT"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        cause = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ClusterUnreachableError(
+            f"Ray cluster {address}: nothing answers there ({cause}); start one with "
+            "`ray start --head`, or leave --address out to start Ray on this machine"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -815,6 +846,7 @@ def ray_update_after_write(
 
 __all__ = [
     "INSTALL_HINT",
+    "ClusterUnreachableError",
     "FsspecSource",
     "RayEmbedder",
     "RayUnavailableError",

@@ -10,7 +10,9 @@ import inspect
 import logging
 import os
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 
 import faiss
@@ -371,6 +373,28 @@ def test_cli_engine_ray_on_a_running_cluster(local_ray, tmp_path, folder, tiny_c
     local = Store.create(tmp_path / "local.vqret", embedder.spec, folder)
     index_folder(local, embedder, folder)
     _assert_same_rows(local, Store(store))
+
+
+def test_an_address_where_no_cluster_answers_is_one_line_in_seconds(tmp_path, folder,
+                                                                    tiny_clip):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = tmp_path / "s.vqret"
+    args = ["index", str(folder), "--store", str(store), "--model", tiny_clip[0],
+            "--pretrained", tiny_clip[1], "--device", "cpu", "--engine", "ray"]
+    run_cli(*args[:-2])  # indexed locally first: the failed run must leave it as it is
+    before = Store(store).read_table(["id", "path", "hash"]).sort_by("id").to_pylist()
+    (folder / "new.png").write_bytes((sorted(folder.glob("0*.png"))[0]).read_bytes())
+    for address, expected in ((f"127.0.0.1:{port}", "nothing answers there"),
+                              ("head-node", "expected auto, HOST:PORT")):
+        started = time.monotonic()
+        result = run_cli(*args, "--address", address, check=False)
+        assert result.returncode == 1 and expected in result.stderr
+        lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error")]
+        assert len(lines) == 1 and "Traceback" not in result.stderr
+        assert time.monotonic() - started < 60  # not Ray's minutes of retries
+    assert Store(store).read_table(["id", "path", "hash"]).sort_by("id").to_pylist() == before
 
 
 @needs_cli_engine
