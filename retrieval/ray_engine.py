@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import math
+import re
 import socket
 import time
 import uuid
@@ -89,6 +90,29 @@ def require_ray() -> Any:
     return ray
 
 
+class RayWorkerError(ValueError):
+    """A Ray actor or task failed as a whole (not one file): its cause in one line."""
+
+
+_ERROR_LINE = re.compile(r"^([\w.]*(?:Error|Exception)):\s*(.+)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _worker_failure(error: Exception, what: str) -> Exception:
+    """Ray's error for a dead actor or failed task is its whole remote traceback; keep the
+    exception it ends with (e.g. `WeightsUnavailableError: weights file not found: ...`).
+    Errors that aren't Ray's (Ray Data's user-code wrapper included) are left as they are."""
+    if not type(error).__module__.startswith("ray"):
+        return error
+    lines = _ANSI.sub("", str(error)).splitlines()
+    found = [m for m in map(_ERROR_LINE.match, (ln.strip() for ln in lines)) if m]
+    cause = (f"{found[-1].group(1).rsplit('.', 1)[-1]}: {found[-1].group(2)}" if found
+             else (lines[0] if lines else type(error).__name__))
+    return RayWorkerError(
+        f"{what} failed on Ray: {cause} (workers' logs: /tmp/ray/session_latest/logs)"
+    )
+
+
 class ClusterUnreachableError(ValueError):
     """`--address` names no Ray cluster that answers (a ValueError: the CLI's one line)."""
 
@@ -109,8 +133,10 @@ def connect(address: str | None = None) -> bool:
             address=address,
             include_dashboard=False,
             logging_level=logging.WARNING,
-            # Actors import vqret and torch; their own logs go to the driver's stderr.
-            log_to_driver=True,
+            # The workers' output stays in their logs (/tmp/ray/session_latest/logs on each
+            # node): forwarded, a failing actor's remote traceback would bury the one-line
+            # error the run ends with.
+            log_to_driver=False,
         )
     except ConnectionError as e:  # "auto" with no cluster running on this machine
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -337,7 +363,16 @@ class RayEmbedder:
             num_cpus=plan["num_cpus"],
         )
         self.last_run["worker_seconds"] = 0.0
-        for out in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy",
+                                            prefetch_batches=2))
+        while True:
+            try:
+                out = next(batches, None)
+            except Exception as e:
+                # e.g. an actor that can't load the model: the weights aren't on its node
+                raise _worker_failure(e, "an embedding actor") from e
+            if out is None:
+                return
             self.last_run["worker_seconds"] += float(np.sum(out["seconds"]))
             yield _to_image_batch(out, self.embed_dim)
 
@@ -352,7 +387,15 @@ class RayEmbedder:
         dataset = ray.data.from_arrow(_path_blocks(paths, HASH_BLOCK_ROWS)).map_batches(
             _hash_rows, batch_size=HASH_BATCH_ROWS, batch_format="numpy", num_cpus=1
         )
-        for out in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy",
+                                            prefetch_batches=2))
+        while True:
+            try:
+                out = next(batches, None)
+            except Exception as e:
+                raise _worker_failure(e, "a hashing task") from e
+            if out is None:
+                return
             for i, digest, cause in zip(out["position"], out["hash"], out["error"], strict=True):
                 yield int(i), (str(digest) or None), (str(cause) or None)
 
@@ -850,6 +893,7 @@ __all__ = [
     "FsspecSource",
     "RayEmbedder",
     "RayUnavailableError",
+    "RayWorkerError",
     "build_sharded_index",
     "connect",
     "index_folder_with_ray",

@@ -428,3 +428,16 @@ def test_actor_plan_follows_the_cluster(monkeypatch, embedder):
     assert plan({"CPU": 16.0}, 100_000, num_workers=3)["actors"] == 3
     with pytest.raises(ValueError, match="no GPU"):
         plan({"CPU": 16.0}, 100_000, device="cuda")
+
+
+def test_an_actor_that_cannot_load_the_model_is_one_line(local_ray, tmp_path, folder, tiny_clip):
+    """Every node needs the weights: an actor on a node without them ends the run with the
+    cause in one line, not Ray's remote traceback."""
+    spec = ModelSpec(tiny_clip[0], str(tmp_path / "not-on-this-node.safetensors"), "x", 64)
+    embedder = ray_engine.RayEmbedder(spec, batch_size=16)
+    with pytest.raises(ray_engine.RayWorkerError) as caught:
+        list(embedder.iter_image_files([str(p) for p in sorted(folder.glob("*.png"))[:4]]))
+    message = str(caught.value)
+    assert message.startswith("an embedding actor failed on Ray: WeightsUnavailableError: "
+                              "weights file not found:")
+    assert "not-on-this-node.safetensors" in message and "\n" not in message
