@@ -363,16 +363,8 @@ class RayEmbedder:
             num_cpus=plan["num_cpus"],
         )
         self.last_run["worker_seconds"] = 0.0
-        batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy",
-                                            prefetch_batches=2))
-        while True:
-            try:
-                out = next(batches, None)
-            except Exception as e:
-                # e.g. an actor that can't load the model: the weights aren't on its node
-                raise _worker_failure(e, "an embedding actor") from e
-            if out is None:
-                return
+        # e.g. an actor that can't load the model: the weights aren't on its node
+        for out in _results(dataset, "an embedding actor"):
             self.last_run["worker_seconds"] += float(np.sum(out["seconds"]))
             yield _to_image_batch(out, self.embed_dim)
 
@@ -387,15 +379,7 @@ class RayEmbedder:
         dataset = ray.data.from_arrow(_path_blocks(paths, HASH_BLOCK_ROWS)).map_batches(
             _hash_rows, batch_size=HASH_BATCH_ROWS, batch_format="numpy", num_cpus=1
         )
-        batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy",
-                                            prefetch_batches=2))
-        while True:
-            try:
-                out = next(batches, None)
-            except Exception as e:
-                raise _worker_failure(e, "a hashing task") from e
-            if out is None:
-                return
+        for out in _results(dataset, "a hashing task"):
             for i, digest, cause in zip(out["position"], out["hash"], out["error"], strict=True):
                 yield int(i), (str(digest) or None), (str(cause) or None)
 
@@ -413,6 +397,21 @@ class RayEmbedder:
         if self.started_ray:
             require_ray().shutdown()
             self.started_ray = False
+
+
+def _results(dataset: Any, what: str) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's output batches as they finish; a worker that fails as a whole (not one
+    file) ends the run with its cause in one line."""
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy",
+                                        prefetch_batches=2))
+    while True:
+        try:
+            out = next(batches, None)
+        except Exception as e:
+            raise _worker_failure(e, what) from e
+        if out is None:
+            return
+        yield out
 
 
 def _path_blocks(paths: Sequence[str], rows: int) -> list[Any]:
