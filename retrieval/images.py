@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .one_line import first_line
 from .urls import is_url
 
 __all__ = [
@@ -271,8 +272,7 @@ def _decode_error(name: str, fmt: str | None, err: BaseException) -> ImageLoadEr
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    detail = text[0] if text else type(err).__name__
+    detail = first_line(err)
     return detail if len(detail) <= _MAX_DETAIL else detail[: _MAX_DETAIL - 3] + "..."
 
 

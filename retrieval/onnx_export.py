@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .one_line import first_line
 from .onnx_text import (
     BUNDLE_DIRNAME,
     DATA_FILE,
@@ -245,8 +246,7 @@ def _torch_export(module: Any, prefix: bool, tokenizer: ClipTokenizer, path: Pat
             )
             program.save(str(path), external_data=True)
     except Exception as e:  # noqa: BLE001 - the exporter fails in many ways on exotic models
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TextEncoderUnavailable(f"torch.onnx.export failed: {first}") from None
+        raise TextEncoderUnavailable(f"torch.onnx.export failed: {first_line(e)}") from None
 
 
 def _remove_leftovers(store_path: Path, min_age_s: float = 3600) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .model_spec import ModelSpec
+from .one_line import first_line
 from .text_tokenizer import ClipTokenizer
 
 BUNDLE_DIRNAME = "text_encoder"
@@ -157,8 +158,9 @@ class OnnxTextEncoder:
                 str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TextEncoderUnavailable(f"{folder / MODEL_FILE}: {first}", rebuild=True) from None
+            raise TextEncoderUnavailable(
+                f"{folder / MODEL_FILE}: {first_line(e)}", rebuild=True
+            ) from None
         self.prefix = bool(meta["prefix"])
         self.embed_dim = int(meta["key"]["embed_dim"])
         self._probe = (probe["text"], np.asarray(probe["embedding"], np.float32))

@@ -49,6 +49,7 @@ from .content_hash import file_hash, stream_hash, unreadable
 from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
 from .index import index_files, load_saved, read_meta, save_index, update_after_write, update_index
 from .indexer import IndexReport, index_folder
+from .one_line import first_line
 from .remote import FsspecSource, is_url, url_hash  # noqa: F401 - FsspecSource: re-exported
 from .remote import read_bytes as _read_bytes
 from .remote import version_ns as _version_ns  # noqa: F401 - the name tests and notes use
@@ -139,8 +140,7 @@ def connect(address: str | None = None) -> bool:
             log_to_driver=False,
         )
     except ConnectionError as e:  # "auto" with no cluster running on this machine
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ClusterUnreachableError(f"Ray cluster {address}: {first}") from None
+        raise ClusterUnreachableError(f"Ray cluster {address}: {first_line(e)}") from None
     return True
 
 
@@ -201,15 +201,7 @@ class _EmbedWorker:
         """(pixels, size, failure cause, content hash): each file is read once, into memory,
         and hashed there, so a first run needs no separate hash pass."""
         try:
-            if is_url(path):
-                try:
-                    data = _read_bytes(path)
-                except OSError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - botocore's errors: one failure each
-                    raise OSError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
-            else:
-                data = Path(path).read_bytes()
+            data = _read_bytes(path) if is_url(path) else Path(path).read_bytes()
         except OSError as err:
             return None, (0, 0), unreadable(err), ""
         # The local engine's own per-file decode: same loader, draft size, transform, causes.

@@ -20,6 +20,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -27,6 +28,7 @@ from typing import Any, BinaryIO
 
 from .content_hash import stream_hash
 from .images import IMAGE_EXTENSIONS
+from .one_line import first_line
 from .store import StoreError
 from .urls import is_url
 from .walk import SKIPPED_DIRS, FileEntry
@@ -39,8 +41,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:  # "Install s3fs to access S3", unknown protocol
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise StoreError(f"{url}: {first}") from None
+        raise StoreError(f"{url}: {first_line(e)}") from None
 
 
 def open_url(url: str) -> BinaryIO:
@@ -55,19 +56,26 @@ def url_hash(url: str) -> str:
     return _hash_object(fs, path)
 
 
-def _hash_object(fs: Any, path: str) -> str:
-    """Any failure as an OSError with a one-line cause: the Indexer reports those per file."""
+@contextmanager
+def _failures_as_os_errors() -> Iterator[None]:
+    """Any failure reading an object as an OSError with a one-line cause: the Indexer and
+    the Ray workers report those per file."""
     try:
-        with fs.open(path, "rb") as f:
-            return stream_hash(f)
+        yield
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - botocore's errors, ...
         raise OSError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
 
 
+def _hash_object(fs: Any, path: str) -> str:
+    with _failures_as_os_errors(), fs.open(path, "rb") as f:
+        return stream_hash(f)
+
+
 def read_bytes(url: str) -> bytes:
-    with open_url(url) as f:
+    """The object's content; any failure is an OSError with a one-line cause."""
+    with _failures_as_os_errors(), open_url(url) as f:
         return f.read()
 
 
@@ -132,8 +140,7 @@ class FsspecSource:
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001 - OSError, botocore's NoCredentialsError, ...
-            cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise StoreError(f"{self.url}: can't list ({cause})") from None
+            raise StoreError(f"{self.url}: can't list ({first_line(e)})") from None
 
     def _listing(self) -> Iterator[dict[str, Any]]:
         """The fsspec info of every object under the root (folders aside), in full-path

@@ -39,6 +39,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from . import clip_compat
+from .one_line import first_line
 from .serve_input import RequestError, parse_int
 from .served_store import ServedStore, StoresArg, open_collections
 from .service import SearchService
@@ -313,7 +314,7 @@ def _open_remote(url: str, image_id: int):
     try:
         return open_url(url)
     except Exception as e:  # noqa: BLE001 - FileNotFoundError, botocore's errors, ...
-        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        cause = first_line(e)
         raise RequestError(404, f"image {image_id} ({url}) can't be read: {cause}") from None
 
 
