@@ -348,7 +348,7 @@ def test_server_streams_originals_and_thumbnails_from_s3(s3, s3_store, embedder)
     from PIL import Image
     from starlette.testclient import TestClient
     from vqret.retrieval.collection import Collection
-    from vqret.retrieval.server import create_app
+    from vqret.server.app import create_app
 
     store, _ = s3_store
     collection = Collection.open(store, embedder=embedder)

@@ -20,8 +20,8 @@ from fixtures.shapes import draw_shape  # noqa: E402
 from PIL import Image  # noqa: E402
 from serve_helpers import DUPLICATE, index_shapes, live_server  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
-from vqret.retrieval.server import create_app, loopback_hosts  # noqa: E402
-from vqret.retrieval.service import unique_mask  # noqa: E402
+from vqret.server.app import create_app, loopback_hosts  # noqa: E402
+from vqret.server.service import unique_mask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -536,8 +536,8 @@ def test_text_modality_searches_text_rows_when_there_are_some(embedder, tmp_path
 
 def test_stored_vectors_fall_back_to_the_rows(app, shapes, monkeypatch):
     """With an index that can't give exact vectors back (IVF-PQ, GPU), the rows are used."""
-    from vqret.retrieval import served_store
-    from vqret.retrieval.serve_input import RequestError
+    from vqret.server import served_store
+    from vqret.server.inputs import RequestError
 
     collection, _ = shapes
     served = app.state.service.stores["shapes"]

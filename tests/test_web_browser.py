@@ -28,7 +28,7 @@ if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium", allow_module_level=True)
 
 from serve_helpers import index_shapes, live_server  # noqa: E402
-from vqret.retrieval.server import create_app  # noqa: E402
+from vqret.server.app import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

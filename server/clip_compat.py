@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .serve_input import RequestError, parse_int
+from .inputs import RequestError, parse_int
 from .served_store import text_rows
 from .service import Hit, SearchService
 

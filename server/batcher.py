@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .embedder import Embedder
+from vqret.retrieval.embedder import Embedder
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import load_image
+from vqret.retrieval.images import load_image
 
 THUMB_SIZE = 256  # longest side, px: two per row on a phone, crisp at 2x in a 128 px cell
 JPEG_QUALITY = 82

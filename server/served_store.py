@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .batcher import EmbedBatcher
-from .collection import Collection
-from .embedder import Embedder
-from .serve_input import RequestError
-from .store import STORE_DIRNAME, Store, StoreError, find_store
+from vqret.retrieval.collection import Collection
+from vqret.retrieval.embedder import Embedder
+from .inputs import RequestError
+from vqret.retrieval.store import STORE_DIRNAME, Store, StoreError, find_store
 
 CATALOG_RECHECK_S = 1.0  # how often a thumbnail/metadata request re-reads the manifest
 

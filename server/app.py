@@ -39,8 +39,8 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from . import clip_compat
-from .one_line import first_line
-from .serve_input import RequestError, parse_int
+from vqret.retrieval.one_line import first_line
+from .inputs import RequestError, parse_int
 from .served_store import ServedStore, StoresArg, open_collections
 from .service import SearchService
 
@@ -309,7 +309,7 @@ STREAM_CHUNK = 1 << 20
 
 def _open_remote(url: str, image_id: int):
     """The object at `url`, opened before the response starts, so a missing one is a 404."""
-    from .remote import open_url
+    from vqret.retrieval.remote import open_url
 
     try:
         return open_url(url)
@@ -473,4 +473,4 @@ def _host_name(host_header: str) -> str:
 
 
 def _web_file(name: str) -> bytes:
-    return resources.files("vqret.retrieval").joinpath("web", name).read_bytes()
+    return resources.files("vqret.server").joinpath("web", name).read_bytes()

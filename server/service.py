@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from .batcher import EmbedBatcher
-from .collection import Collection
-from .images import ImageLoadError, load_image
-from .serve_input import RequestError, decode_base64, fetch_url, normalise, parse_int
+from vqret.retrieval.collection import Collection
+from vqret.retrieval.images import ImageLoadError, load_image
+from .inputs import RequestError, decode_base64, fetch_url, normalise, parse_int
 from .served_store import ServedStore
-from .store import StoreError
+from vqret.retrieval.store import StoreError
 from .thumbnails import THUMB_SIZE, ThumbnailCache, make_thumbnail
 
 # clip-retrieval's deduplicate: a result this close (cosine) to a better one is a duplicate.
