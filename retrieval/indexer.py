@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from .content_hash import file_hash, unreadable
 from .embedder import Embedder
 from .index import update_after_write
-from .remote import FsspecSource, is_url
+from .remote import FsspecSource, is_url, url_hash
 from .store import (
     IMAGES,
     TEXTS,
@@ -73,6 +73,15 @@ class IndexReport:
             "seconds": round(self.seconds, 3),
             "index": {k: self.index.get(k) for k in ("kind", "factory", "params", "recall_at_10")},
         }
+
+
+def hash_named(name: str) -> tuple[str | None, str | None]:
+    """(content hash, None) of a file path or an fsspec URL, or (None, the one-line cause
+    it is reported with): what the Indexer and the Ray engine's hash tasks compute."""
+    try:
+        return (url_hash(name) if is_url(name) else file_hash(name)), None
+    except OSError as err:
+        return None, unreadable(err)
 
 
 LISTING_CHUNK = 1 << 16  # listed files turned into Arrow columns at a time
@@ -198,8 +207,9 @@ class Indexer:
         # Brings the images' search index up to date after the run: update_after_write, or
         # the Ray engine's ray_update_after_write, which builds big IVF indexes in parallel.
         self.index_updater = index_updater
-        # Where files are listed, hashed and read when not in the local folder: an object with
-        # walk(on_error), hash(relpath) and path(relpath), e.g. remote.FsspecSource.
+        # Where files are listed and read when not in the local folder: an object with
+        # walk(on_error) and path(relpath), e.g. remote.FsspecSource; what path() names is
+        # hashed by hash_named, as the Ray engine's hash tasks do.
         self.source = source
         # Where new and changed files are hashed: None for 4 threads on this process, or a
         # Hasher that reads them elsewhere (the Ray engine's: the driver reads no image).
@@ -384,33 +394,11 @@ class Indexer:
         self.report.texts = sync_texts(writer, self.embedder, rows, owned=is_sidecar).to_dict()
 
     def _hash_all(self, files: np.ndarray, paths: pa.ChunkedArray) -> pa.ChunkedArray:
-        """Content hashes of the listed files at `files`, null where the file can't be read."""
-
-        def one(rel: str) -> tuple[str, str | None, str | None]:
-            try:
-                if self.source is not None:
-                    return rel, self.source.hash(rel), None
-                return rel, file_hash(self.folder / rel), None
-            except OSError as err:
-                return rel, None, unreadable(err)
-
-        if self.hasher is not None:
-            return self._hash_elsewhere(files, paths)
-        chunks = [pa.array([], pa.large_string())]  # kept in chunks: one would be a copy
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            for start in range(0, len(files), HASH_CHUNK):
-                rels = paths.take(pa.array(files[start : start + HASH_CHUNK], pa.int64()))
-                hashes = []
-                for rel, h, error in pool.map(one, rels.to_pylist()):
-                    if h is None:
-                        self._fail(rel, error)
-                    hashes.append(h)
-                chunks.append(pa.array(hashes, pa.large_string()))
-        return pa.chunked_array(chunks)
-
-    def _hash_elsewhere(self, files: np.ndarray, paths: pa.ChunkedArray) -> pa.ChunkedArray:
-        """`_hash_all` through `self.hasher`: results come in any order, so they are put back
-        in listing order (an Arrow sort, not a Python object per file), failures too."""
+        """Content hashes of the listed files at `files`, null where the file can't be read,
+        through `self.hasher` (or this process's threads). Answers may come in any order:
+        they are put back in listing order (an Arrow sort, not a Python object per file),
+        failures too."""
+        hasher = self.hasher or self._hash_here
         names = _NamedPaths(paths, files, self._namer())
         at_chunks: list[np.ndarray] = [np.zeros(0, np.int64)]
         hash_chunks: list[pa.Array] = [pa.array([], pa.large_string())]
@@ -423,7 +411,7 @@ class Indexer:
             hash_chunks.append(pa.array(got, pa.large_string()))
             at.clear(), got.clear()
 
-        for i, h, cause in self.hasher(names):
+        for i, h, cause in hasher(names):
             if h is None:
                 failed.append((i, cause or "unreadable"))
             at.append(i)
@@ -439,6 +427,16 @@ class Indexer:
         for i, cause in sorted(failed):
             self._fail(paths[int(files[i])].as_py(), cause)
         return pa.chunked_array(hash_chunks).take(pa.array(order, pa.int64()))
+
+    def _hash_here(self, names: Sequence[str]) -> Iterator[tuple[int, str | None, str | None]]:
+        """The default Hasher: 4 threads of this process, in order (reading and hashing
+        release the GIL)."""
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for start in range(0, len(names), HASH_CHUNK):
+                answers = pool.map(hash_named, names[start : start + HASH_CHUNK])
+                for i, (digest, cause) in enumerate(answers, start):
+                    yield i, digest, cause
 
     def _namer(self) -> Callable[[str], str]:
         """What the embedder (or a hasher) opens for a listed path: its URL or file path."""
@@ -588,4 +586,6 @@ def index_folder(
         return Indexer(store, embedder, Path(str(folder)), **kwargs).run(writer)
 
 
-__all__ = ["IndexReport", "Indexer", "index_folder", "file_hash", "embeddings_from_arrow"]
+__all__ = [
+    "IndexReport", "Indexer", "index_folder", "file_hash", "hash_named", "embeddings_from_arrow"
+]

@@ -45,12 +45,12 @@ from typing import Any
 import numpy as np
 
 from . import ann
-from .content_hash import file_hash, stream_hash, unreadable
+from .content_hash import stream_hash, unreadable
 from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
 from .index import index_files, load_saved, read_meta, save_index, update_after_write, update_index
-from .indexer import IndexReport, index_folder
+from .indexer import IndexReport, hash_named, index_folder
 from .one_line import first_line
-from .remote import FsspecSource, is_url, url_hash  # noqa: F401 - FsspecSource: re-exported
+from .remote import FsspecSource, is_url  # noqa: F401 - FsspecSource: re-exported
 from .remote import read_bytes as _read_bytes
 from .remote import version_ns as _version_ns  # noqa: F401 - the name tests and notes use
 from .store import IMAGES, Store, StoreWriter, embeddings_from_arrow, write_atomic
@@ -421,24 +421,16 @@ def _path_blocks(paths: Sequence[str], rows: int) -> list[Any]:
     ]
 
 
-def _hash_one(name: str) -> tuple[str, str]:
-    """(hash, "") or ("", cause): the local engine's digest and one-line causes."""
-    try:
-        return (url_hash(name) if is_url(name) else file_hash(name)), ""
-    except OSError as err:
-        return "", unreadable(err)
-
-
 def _hash_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A Ray Data task: hash a batch of files. Reading is I/O-bound (network storage, object
     stores), so a few threads per task keep one CPU's worth of hashing busy."""
     paths = [str(p) for p in batch["path"]]
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
-        answers = list(pool.map(_hash_one, paths))
+    with ThreadPoolExecutor(HASH_THREADS) as pool:  # the local engine's digest and causes
+        answers = list(pool.map(hash_named, paths))
     return {
         "position": np.asarray(batch["position"], np.int64),
-        "hash": np.asarray([h for h, _ in answers], dtype=object),
-        "error": np.asarray([e for _, e in answers], dtype=object),
+        "hash": np.asarray([h or "" for h, _ in answers], dtype=object),
+        "error": np.asarray([e or "" for _, e in answers], dtype=object),
     }
 
 
