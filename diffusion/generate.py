@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from vqret.retrieval.collection import Collection
+from vqret.retrieval.device import resolve_device
 from vqret.tokenizer.api import Tokenizer
 from vqret.tokenizer.store_codes import store_tokenizer_path
 
@@ -113,8 +114,7 @@ class Generator:
         if not isinstance(collection, Collection):
             collection = Collection.open(collection, device=device)
         store = collection.store
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                           else ("cpu" if device == "auto" else device))
+        dev = resolve_device(device)
         dit, info = load_checkpoint(diffusion_path(store, model), dev)
         spec = store.spec
         if info.clip.get("weights_id") != spec.weights_id or info.config.cond_dim != store.dim:

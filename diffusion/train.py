@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from vqret.retrieval.device import resolve_device
 from vqret.retrieval.store import Store
 from vqret.tokenizer.api import Tokenizer
 from vqret.tokenizer.store_codes import store_tokenizer_path
@@ -92,8 +93,8 @@ def train(
     store = store if isinstance(store, Store) else open_store(store)
     get_config(preset or "cpu", **overrides)  # a bad preset or field fails before any work
     out = Path(out) if out is not None else store.path / DIFFUSION_DIRNAME
-    dev = _device(device)
-    tok = Tokenizer.load(store_tokenizer_path(store, tokenizer), device=str(dev))
+    dev = resolve_device(device)
+    tok = Tokenizer.load(store_tokenizer_path(store, tokenizer), device=dev)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -232,16 +233,6 @@ def _load_train_state(out: Path) -> dict[str, Any] | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
         raise ValueError(f"{path}: unreadable training state ({e}); pass --fresh") from e
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
-    return torch.device(device)
 
 
 class _ProgressBar:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .device import resolve_device
 from .images import ImageLoadError, load_image
 
 # Defined beside the store (no torch there); imported here for the names users know.
@@ -192,16 +193,6 @@ def _hf_candidate_files(filename: str | None) -> list[str]:
         names.append(filename[:-4] + ".safetensors")
     names.append(filename)
     return names
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from . import ann
+from .device import cuda_number
 from .store import IMAGES, Store, write_atomic
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,15 @@ def build_index(ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
     return index
 
 
-def to_search_device(index: faiss.Index) -> faiss.Index:
-    """The same index on the GPU when faiss sees one (faiss-gpu build), else unchanged."""
-    if gpu_count() == 0 or index.ntotal == 0:
+def to_search_device(index: faiss.Index, device: str = "auto") -> faiss.Index:
+    """The same index on the GPU `device` names (auto: the first) when faiss sees it (a
+    faiss-gpu build), else unchanged: cpu and mps keep it on the CPU."""
+    number = cuda_number(device)
+    if number is None or number >= gpu_count() or index.ntotal == 0:
         return index
     try:
         resources = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(resources, 0, index)
+        return faiss.index_cpu_to_gpu(resources, number, index)
     except Exception as e:  # noqa: BLE001 - an index type the GPU can't take stays on the CPU
         log.warning("faiss GPU unavailable for this index (%s); searching on the CPU", e)
         return index

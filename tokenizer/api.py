@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from vqret.retrieval.device import resolve_device
 
 from .checkpoint import load_checkpoint, read_checkpoint_info, resolve_checkpoint, tokenizer_id
 from .config import TokenizerConfig
@@ -41,7 +42,7 @@ class Tokenizer:
         device: str | torch.device = "cpu",
         batch_size: int = 64,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.id = id  # sha256 of the weights file when loaded from one
         self.batch_size = batch_size
@@ -50,12 +51,15 @@ class Tokenizer:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], *, device: str = "auto", batch_size: int = 64
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "auto",
+        batch_size: int = 64,
     ) -> Tokenizer:
         """From a checkpoint folder, its tokenizer.safetensors or its tokenizer.json."""
         weights = resolve_checkpoint(path)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         tok = cls(
             load_checkpoint(weights, device),
             id=tokenizer_id(weights),

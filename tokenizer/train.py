@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from vqret.retrieval.device import resolve_device
 
 from .checkpoint import TRAIN_STATE_FILE, save_checkpoint
 from .config import TokenizerConfig, get_config
@@ -187,7 +188,7 @@ def _train(
     say: Log,
     root: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     use_bf16 = _use_bf16(dev, precision)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
@@ -334,21 +335,13 @@ def _train(
 # ------------------------------------------------------------------------------------------
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but torch sees no CUDA device")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
-
-
 def _use_bf16(device: torch.device, precision: str) -> bool:
     if precision == "fp32":
         return False
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
+    elif device.type == "mps":
+        supported = False  # autocast there is fp16-first and untested here: fp32
     else:
         # oneDNN runs bf16 convolutions natively with AVX512-BF16 or AMX (about 2x fp32
         # here); elsewhere it emulates them, slower than fp32.
