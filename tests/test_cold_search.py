@@ -263,10 +263,17 @@ def test_cold_search_benchmark_compares_both_paths(store: Path) -> None:
     result = measure_cold_search(store, repeats=1, warmup=False)
     assert result["cold_search_same_top_k"] is True
     assert result["cold_search_max_score_diff"] < 1e-4
-    assert result["cold_search_onnx_s"] > 0 and result["cold_search_torch_s"] > 0
-    assert result["cold_search_speedup"] == pytest.approx(
-        result["cold_search_torch_s"] / result["cold_search_onnx_s"], rel=0.02
-    )
+    onnx_s, torch_s = result["cold_search_onnx_s"], result["cold_search_torch_s"]
+    assert onnx_s > 0 and torch_s > 0
+    # one run each: its median is its minimum
+    assert (result["cold_search_onnx_s_min"], result["cold_search_torch_s_min"]) == (
+        onnx_s, torch_s)
+    # the speedup is torch / onnx from the unrounded medians, shown to 2 decimals; the
+    # medians are shown to 3. Bounded by the rounding itself, not a share of the figure
+    # (which a slow run makes small and its rounding error large).
+    half = 0.0005
+    low, high = (torch_s - half) / (onnx_s + half), (torch_s + half) / (onnx_s - half)
+    assert low - 0.005 <= result["cold_search_speedup"] <= high + 0.005
 
 
 def test_the_torch_path_can_be_asked_for(store: Path, monkeypatch) -> None:
