@@ -239,12 +239,33 @@ def test_exact_collection_keeps_one_copy():
     assert serialized_bytes(exact) == len(faiss.serialize_index(exact))
 
 
-def test_build_within_gives_up_on_a_projection(clustered):
+class _TickingClock:
+    """A perf_counter that moves one second per reading, whatever the machine does."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_build_within_gives_up_on_a_projection(clustered, monkeypatch):
+    import vqret.benchmarks.ann as bench_ann
+
     vectors, _ = clustered
     plan = ann.plan_index(len(vectors), DIM, "hnsw")
-    # 1000 HNSW inserts take well over 5 ms / 4: the projection for 4000 exceeds the budget
-    with pytest.raises(BudgetExceeded, match=r"projected .* of 4,000 added"):
-        build_within(plan, vectors, budget_s=0.005, min_add_s=0.0)
+    # On the ticking clock training takes 1 s and each 1000-vector chunk 1 s: after the
+    # first chunk 4000 project to 1 + 1 x 4 x 1.2 (HNSW's margin) = 5.8 s.
+    monkeypatch.setattr(bench_ann, "time", _TickingClock())
+    with pytest.raises(BudgetExceeded, match=r"projected 6 s > budget 5 s \(1,000 of 4,000 added"):
+        build_within(plan, vectors, budget_s=5, min_add_s=0.0)
+    with pytest.raises(BudgetExceeded, match="training alone took 1 s > budget 0 s"):
+        build_within(plan, vectors, budget_s=0.5)
+    # not before min_add_s of adding: 3 chunks (3 s) are not enough to judge the rate by
+    index, train_s, add_s = build_within(plan, vectors, budget_s=5, min_add_s=4.0)
+    assert index.ntotal == len(vectors) and (train_s, add_s) == (1.0, 5.0)
+    monkeypatch.undo()
     index, train_s, add_s = build_within(plan, vectors, budget_s=600)
     assert index.ntotal == len(vectors) and train_s >= 0 and add_s > 0
 
@@ -257,6 +278,8 @@ def test_benchmark_runs_small(tmp_path):
     result = report["results"][0]
     assert [r["kind"] for r in result["rows"]] == ["auto", "flat", "ivf", "hnsw"]
     assert result["summary"]["auto_index"] == "IDMap2,Flat"  # 3000 vectors: exact
+    # auto planned the exact index, so it shares flat's row, one measurement: speedup 1
+    assert result["summary"]["auto_single_ms"] == result["summary"]["flat_single_ms"]
     assert result["summary"]["auto_speedup"] == 1.0
     assert result["summary"]["meets_target"] is None  # the target is stated at 1M
     for row in result["rows"]:
