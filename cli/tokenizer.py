@@ -312,7 +312,7 @@ def decode_command(
         fail("give --id N or --path P (one of them)")
     with clean_errors(KEPT_CHECKPOINT):
         from PIL import Image
-        from vqret.retrieval.store import write_atomic
+        from vqret.retrieval.atomic import atomic_write
         from vqret.tokenizer.store_codes import decode_row
 
         opened = open_store(store)
@@ -326,7 +326,7 @@ def decode_command(
         buffer = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buffer, format=fmt)
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(output, buffer.getvalue())
+        atomic_write(output, buffer.getvalue())
     err.print(f"wrote {output} ({pixels.shape[1]}x{pixels.shape[0]})", highlight=False)
 
 

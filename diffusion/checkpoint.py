@@ -25,18 +25,18 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
+from vqret.retrieval.atomic import atomic_write
 from vqret.tokenizer.checkpoint import weights_file
 
 from .config import DiffusionConfig
 from .model import DiT
-from .paths import WEIGHTS_NAME, atomic_write
+from .paths import WEIGHTS_NAME
 
 __all__ = [
     "INFO_FILE",
     "TRAIN_STATE_FILE",
     "WEIGHTS_FILE",
     "CheckpointInfo",
-    "atomic_write",
     "load_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",
@@ -103,7 +103,7 @@ def save_checkpoint(
     weights = folder / WEIGHTS_FILE
     metadata = {"format": FORMAT, "info": json.dumps(facts)}
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    atomic_write(folder / INFO_FILE, lambda tmp: Path(tmp).write_text(json.dumps(facts, indent=2)))
+    atomic_write(folder / INFO_FILE, json.dumps(facts, indent=2))
     return weights
 
 

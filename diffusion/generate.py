@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from vqret.retrieval.atomic import atomic_write
 from vqret.retrieval.collection import Collection
 from vqret.retrieval.device import resolve_device
 from vqret.tokenizer.api import Tokenizer
@@ -65,9 +66,7 @@ class GeneratedImages:
         paths = output_paths(path, len(self))
         for image, p in zip(self.to_pil(), paths, strict=True):
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".tmp-{os.getpid()}-{p.name}")
-            image.save(tmp, format="PNG")
-            os.replace(tmp, p)
+            atomic_write(p, lambda tmp, image=image: image.save(tmp, format="PNG"))
         return paths
 
     def to_dicts(self, paths: list[Path] | None = None) -> list[dict[str, Any]]:

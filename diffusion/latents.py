@@ -9,18 +9,16 @@ the previous cache. Images that can't be loaded cost one line and are left out.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from vqret.retrieval.atomic import atomic_write
 from vqret.retrieval.images import ImageLoadError
 from vqret.retrieval.store import Store, embeddings_from_arrow
 from vqret.tokenizer.api import Tokenizer
 from vqret.tokenizer.data import center_square
-
-from .paths import atomic_write
 
 __all__ = ["LATENTS_DIRNAME", "TrainingPairs", "latents_cache_path", "load_training_pairs"]
 
@@ -127,7 +125,5 @@ def _write_cache(path: Path, ids: np.ndarray, latents: np.ndarray, flipped: np.n
             # float16 halves the cache; latents are O(1) values, well inside its precision
             np.savez(f, ids=ids, latents=latents.astype(np.float16),
                      flipped=flipped.astype(np.float16))
-            f.flush()
-            os.fsync(f.fileno())
 
     atomic_write(path, write)

@@ -1,5 +1,8 @@
-"""Where a store keeps its DiT (STORE/diffusion), and atomic writes. Torch-free: `vqret search`
-asks `has_model` on its cold path. (The tokenizer's place: vqret.tokenizer.store_codes.)"""
+"""Where a store keeps its DiT (STORE/diffusion). Torch-free: `vqret search` asks `has_model`
+on its cold path. (The tokenizer's place: vqret.tokenizer.store_codes.)
+
+`atomic_write` is vqret.retrieval.atomic's, re-exported for the modules that import it from
+here (diffusion/fallback.py)."""
 
 from __future__ import annotations
 

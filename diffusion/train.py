@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from vqret.retrieval.atomic import atomic_write
 from vqret.retrieval.device import resolve_device
 from vqret.retrieval.store import Store
 from vqret.tokenizer.api import Tokenizer
@@ -34,7 +35,7 @@ from .config import DiffusionConfig, get_config
 from .flow import flow_matching_loss
 from .latents import load_training_pairs
 from .model import DiT
-from .paths import DIFFUSION_DIRNAME, atomic_write, open_store
+from .paths import DIFFUSION_DIRNAME, open_store
 
 __all__ = ["TrainResult", "train"]
 

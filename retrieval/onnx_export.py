@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import replace_folder
 from .one_line import first_line
 from .onnx_text import (
     BUNDLE_DIRNAME,
@@ -180,7 +181,7 @@ def _export(store_path: Path, embedder: Any, key: dict[str, Any]) -> dict[str, A
                 f"the ONNX text encoder differs from torch (cosine {cosines.min():.6f})"
             )
         del encoder
-        _publish_dir(store_path, tmp)
+        replace_folder(tmp, bundle_dir(store_path))
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -271,26 +272,8 @@ def _publish(store_path: Path, files: dict[str, bytes]) -> None:
     try:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        _publish_dir(store_path, tmp)
+        replace_folder(tmp, bundle_dir(store_path))
     except OSError as e:
         log.warning("couldn't record the text encoder's state in %s: %s", store_path, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish_dir(store_path: Path, tmp: Path) -> None:
-    """Put `tmp` in place of the bundle: readers see the old folder, the new one, or none."""
-    final = bundle_dir(store_path)
-    old = store_path / f".old-{BUNDLE_DIRNAME}-{uuid.uuid4().hex[:8]}"
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if old.exists() and not final.exists():
-            os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

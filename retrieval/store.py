@@ -33,9 +33,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_write
 from .lazy_import import lazy_import
 from .model_spec import ModelSpec
 from .urls import is_url
+
+# The store's old name for it, kept for the modules that import it from here.
+write_atomic = atomic_write
 
 # ~0.1 s to import, and only writers and id look-ups use it: not a cold `vqret search`.
 pc = lazy_import("pyarrow.compute")
@@ -120,30 +124,6 @@ def embeddings_from_arrow(column: pa.ChunkedArray | pa.Array, dim: int) -> np.nd
     return np.concatenate(flat).reshape(-1, dim) if len(flat) > 1 else flat[0].reshape(-1, dim)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def find_store(start: Path | None = None) -> Path | None:
     """The nearest `.vqret` store in `start` or its parents, like git finds `.git`."""
     here = (start or Path.cwd()).resolve()
@@ -200,7 +180,7 @@ class Store:
             "tables": {t: {"parts": [], "rows": 0, "next_id": 0} for t in TABLES},
             "failures": [],
         }
-        write_atomic(path / MANIFEST, json.dumps(manifest, indent=2).encode())
+        atomic_write(path / MANIFEST, json.dumps(manifest, indent=2))
         return cls(path)
 
     def _read_manifest(self) -> dict[str, Any]:
@@ -419,11 +399,12 @@ class StoreWriter:
     def _write_part(self, table: str, rows: pa.Table) -> str:
         name = f"part-{self.store.generation + 1:06d}-{uuid.uuid4().hex[:8]}.parquet"
         final = self.store.path / table / name
-        tmp = final.with_name(f".tmp-{name}")
-        pq.write_table(rows, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        atomic_write(
+            final,
+            lambda tmp: pq.write_table(
+                rows, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS
+            ),
+        )
         self._part_ids[(table, name)] = rows.column("id").to_numpy()
         return name
 
@@ -543,7 +524,7 @@ class StoreWriter:
         manifest["updated_at"] = now_utc().isoformat()
         if failures is not None:
             manifest["failures"] = [f.to_dict() for f in failures]
-        write_atomic(self.store.path / MANIFEST, json.dumps(manifest, indent=2).encode())
+        atomic_write(self.store.path / MANIFEST, json.dumps(manifest, indent=2))
         self.store.manifest = manifest
         for part in superseded:
             (self.store.path / table / part).unlink(missing_ok=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from vqret.retrieval.atomic import atomic_write, replace_folder
 from vqret.retrieval.embedder import ModelSpec
 from vqret.retrieval.index import (
     build_index,
@@ -93,6 +95,35 @@ def test_killed_writer_leftovers_are_ignored_then_cleaned(store):
         pass
     assert not (store.path / IMAGES / "part-999999-dead.parquet").exists()
     assert not list(store.path.glob(".tmp-*"))
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    target = tmp_path / "state.json"
+    atomic_write(target, b"old")
+    atomic_write(target, "text")
+    assert target.read_text() == "text"
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"by path"))
+    assert target.read_bytes() == b"by path"
+
+    def half_then_killed(tmp: str) -> None:
+        Path(tmp).write_bytes(b"{ha")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_killed)
+    assert target.read_bytes() == b"by path"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temp file left
+
+
+def test_replace_folder_swaps_a_whole_folder(tmp_path):
+    final = tmp_path / "bundle"
+    for version in ("one", "two"):
+        new = tmp_path / f".tmp-bundle-{version}"
+        new.mkdir()
+        (new / "a.txt").write_text(version)
+        replace_folder(new, final)
+        assert (final / "a.txt").read_text() == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
 def test_second_writer_is_refused_with_a_clear_message(store):

@@ -86,7 +86,7 @@ def save_checkpoint(
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     sidecar = {"format": FORMAT, "config": model.config.to_dict(), **(info or {})}
     text = json.dumps(sidecar, indent=2)
-    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / CONFIG_FILE, text)
     return weights
 
 

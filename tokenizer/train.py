@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from vqret.retrieval.atomic import atomic_write
 from vqret.retrieval.device import resolve_device
 
 from .checkpoint import TRAIN_STATE_FILE, save_checkpoint
@@ -399,9 +400,7 @@ def _save_train_state(out: Path, model, optimizer, step, train_seconds, images_s
         "train_seconds": train_seconds,
         "images_seen": images_seen,
     }
-    tmp = out / f".tmp-{TRAIN_STATE_FILE}"
-    torch.save(state, tmp)
-    os.replace(tmp, out / TRAIN_STATE_FILE)
+    atomic_write(out / TRAIN_STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 class _Window:
