@@ -8,13 +8,15 @@ Per file, cheapest test first (as rclip does, but with a whole-file hash):
 5. anything else                             -> decoded and embedded (added, or updated in place)
 Rows of files no longer present are removed. Metadata-only changes are committed first, then
 embeddings in batches, so a run killed at any point loses at most the batch in flight.
+
+The plan is made on Arrow and numpy columns (listing.py); new and changed files are hashed by
+a Hasher (hasher.py: this process's threads, or the Ray engine's tasks).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,28 +25,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .content_hash import file_hash, unreadable
 from .embedder import Embedder
+from .hasher import Hasher, hash_here, hash_in_order
 from .index import update_after_write
-from .remote import FsspecSource, is_url, url_hash
+from .listing import NamedPaths, column, first_equal, ints, listing_table, mask, positions
+from .remote import FsspecSource, is_url
 from .store import (
     IMAGES,
     TEXTS,
     Failure,
     Store,
     StoreWriter,
-    embeddings_from_arrow,
     embeddings_to_arrow,
     now_utc,
     row_schema,
 )
 from .texts import is_sidecar, sidecar_rows, sync_texts
-from .walk import FileEntry, walk_images
+from .walk import walk_images
 
 ProgressCallback = Callable[[int, int], None]  # (images embedded so far, images to embed)
-# Hashes the named files anywhere (e.g. on a Ray cluster): yields (index into names, hash,
-# None) or (index, None, cause) for each, in any order.
-Hasher = Callable[[Sequence[str]], Iterable[tuple[int, "str | None", "str | None"]]]
 
 
 @dataclass
@@ -73,109 +72,6 @@ class IndexReport:
             "seconds": round(self.seconds, 3),
             "index": {k: self.index.get(k) for k in ("kind", "factory", "params", "recall_at_10")},
         }
-
-
-def hash_named(name: str) -> tuple[str | None, str | None]:
-    """(content hash, None) of a file path or an fsspec URL, or (None, the one-line cause
-    it is reported with): what the Indexer and the Ray engine's hash tasks compute."""
-    try:
-        return (url_hash(name) if is_url(name) else file_hash(name)), None
-    except OSError as err:
-        return None, unreadable(err)
-
-
-LISTING_CHUNK = 1 << 16  # listed files turned into Arrow columns at a time
-HASH_CHUNK = 1 << 12  # files hashed between two Arrow chunks of hashes
-
-
-def _listing_table(entries: Iterable[FileEntry]) -> pa.Table:
-    """The listing as Arrow columns (path, size, mtime_ns), built a chunk at a time so the
-    driver never holds a FileEntry per file, and left in chunks (not copied into one)."""
-    schema = pa.schema(
-        [("path", pa.large_string()), ("size", pa.int64()), ("mtime_ns", pa.int64())]
-    )
-    chunks: list[pa.RecordBatch] = []
-    paths: list[str] = []
-    sizes: list[int] = []
-    mtimes: list[int] = []
-
-    def flush() -> None:
-        if paths:
-            chunks.append(pa.record_batch([paths, sizes, mtimes], schema=schema))
-            paths.clear(), sizes.clear(), mtimes.clear()
-
-    for e in entries:
-        paths.append(e.relpath)
-        sizes.append(e.size)
-        mtimes.append(e.mtime_ns)
-        if len(paths) >= LISTING_CHUNK:
-            flush()
-    flush()
-    return pa.Table.from_batches(chunks, schema=schema)
-
-
-def _column(table: pa.Table, name: str) -> pa.Array:
-    """One array of a column; strings as large_string: 100M URLs overflow the 32-bit
-    offsets of one string array."""
-    column = table.column(name)
-    if pa.types.is_string(column.type):
-        column = column.cast(pa.large_string())
-    return column.combine_chunks()
-
-
-def _ints(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(values, valid) of an int64 column: nulls never compare equal to anything."""
-    values = pc.fill_null(column, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    return values, pc.is_valid(column).to_numpy(zero_copy_only=False)
-
-
-def _positions(values: pa.Array, value_set: pa.Array) -> np.ndarray:
-    """For each value, the position of its first match in value_set; -1 where none."""
-    found = pc.index_in(values, value_set=value_set)
-    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-
-
-def _mask(array: pa.Array) -> np.ndarray:
-    return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
-
-
-def _first_equal(values: pa.ChunkedArray) -> np.ndarray:
-    """For each value, the position of the first value equal to it (its own if none before):
-    a stable sort, not a hash table over every new file's hash."""
-    n = len(values)
-    order = pc.sort_indices(values).to_numpy(zero_copy_only=False).astype(np.int64)
-    ordered = values.take(pa.array(order, pa.int64()))
-    starts = np.ones(n, bool)  # where a run of equal values begins, in sorted order
-    if n > 1:
-        starts[1:] = ~_mask(pc.equal(ordered[1:], ordered[:-1]))
-    del ordered
-    first = np.empty(n, np.int64)
-    first[order] = order[starts][np.cumsum(starts) - 1]
-    return first
-
-
-class _NamedPaths(Sequence[str]):
-    """The files the embedder (or a hasher) reads, named on demand from the listing's path
-    column: a list of 100M URLs is not built on the driver (the Ray engine slices it block
-    by block)."""
-
-    def __init__(self, relpaths: pa.ChunkedArray, at: np.ndarray, name: Callable[[str], str]):
-        self.relpaths = relpaths
-        self.at = at  # positions in relpaths, in the embedder's order
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.at)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            chosen = self.relpaths.take(pa.array(self.at[i], pa.int64()))
-            return [self.name(p) for p in chosen.to_pylist()]
-        return self.name(self.relpaths[int(self.at[i])].as_py())
-
-    def __iter__(self) -> Iterator[str]:
-        for start in range(0, len(self), HASH_CHUNK):
-            yield from self[start : start + HASH_CHUNK]
 
 
 class Indexer:
@@ -248,8 +144,8 @@ class Indexer:
         # The writer holds the lock: the rows can't change between this read and the hashes'.
         old = self.store.read_table(["id", "path", "size", "mtime_ns"])
         old_ids = old.column("id").to_numpy().astype(np.int64, copy=False)
-        old_stat = [_ints(_column(old, name)) for name in ("size", "mtime_ns")]
-        old_paths = _column(old, "path")
+        old_stat = [ints(column(old, name)) for name in ("size", "mtime_ns")]
+        old_paths = column(old, "path")
         del old
 
         def on_error(rel: str, cause: str) -> None:
@@ -259,19 +155,19 @@ class Indexer:
             entries = self.source.walk(on_error=on_error)
         else:
             entries = walk_images(self.folder, exclude=[self.store.path], on_error=on_error)
-        listing = _listing_table(entries)
+        listing = listing_table(entries)
         paths = listing.column("path")
-        at = _positions(paths, old_paths)  # each listed file's row (same path), -1: none
+        at = positions(paths, old_paths)  # each listed file's row (same path), -1: none
         has_row = at >= 0
         same_stat = np.zeros(len(at), bool)
         rows = at[has_row]
         same = np.ones(len(rows), bool)
         for name, (values, valid) in zip(("size", "mtime_ns"), old_stat, strict=True):
-            new, _ = _ints(listing.column(name).combine_chunks())
+            new, _ = ints(listing.column(name).combine_chunks())
             same &= (values[rows] == new[has_row]) & valid[rows]
         same_stat[has_row] = same
         del old_paths, old_stat, same
-        old_hash = _column(self.store.read_table(["hash"]), "hash")
+        old_hash = column(self.store.read_table(["hash"]), "hash")
         self.report.unchanged += int(same_stat.sum())
         cand = np.flatnonzero(~same_stat)  # listing positions, in listing order
 
@@ -283,7 +179,7 @@ class Indexer:
             hashes = pa.chunked_array([pa.nulls(len(cand), pa.large_string())])
         else:
             hashes = self._hash_all(cand, paths)
-            hashed = _mask(pc.is_valid(hashes))
+            hashed = mask(pc.is_valid(hashes))
             cand, hashes = cand[hashed], hashes.filter(pa.array(hashed))
         cand_at = at[cand]
 
@@ -292,7 +188,7 @@ class Indexer:
         touched = np.zeros(len(cand), bool)
         with_row = cand_at >= 0
         if with_row.any():
-            touched[with_row] = _mask(
+            touched[with_row] = mask(
                 pc.equal(hashes.filter(pa.array(with_row)), old_hash.take(cand_at[with_row]))
             )
         released = np.ones(len(old_ids), bool)  # rows of files gone...
@@ -310,10 +206,10 @@ class Indexer:
         maybe = np.zeros(0, np.int64)
         if released.any() and len(rest):
             released_hash = old_hash.filter(pa.array(released))
-            maybe = np.flatnonzero(~touched & _mask(pc.is_in(hashes, value_set=released_hash)))
+            maybe = np.flatnonzero(~touched & mask(pc.is_in(hashes, value_set=released_hash)))
         if len(maybe):
             maybe_hashes = hashes.take(pa.array(maybe, pa.int64())).combine_chunks()
-            in_pool = released & _mask(pc.is_in(old_hash, value_set=maybe_hashes))
+            in_pool = released & mask(pc.is_in(old_hash, value_set=maybe_hashes))
             pool: dict[str, list[int]] = {}
             for pos in np.flatnonzero(in_pool).tolist():
                 pool.setdefault(old_hash[pos].as_py(), []).append(pos)
@@ -344,13 +240,13 @@ class Indexer:
         copy_of = np.full(len(left), -1, np.int64)  # the source row's position in old
         if len(left) and live.any():
             # hash tables over the few rows that match, not over every live row
-            same = np.flatnonzero(live & _mask(pc.is_in(old_hash, value_set=left_hashes)))
+            same = np.flatnonzero(live & mask(pc.is_in(old_hash, value_set=left_hashes)))
             same = same[::-1]  # last row first: index_in answers the first match
-            found = _positions(left_hashes, old_hash.take(pa.array(same, pa.int64())))
+            found = positions(left_hashes, old_hash.take(pa.array(same, pa.int64())))
             copy_of[found >= 0] = same[found[found >= 0]]
         is_copy = copy_of >= 0
         new = np.flatnonzero(~is_copy)
-        first = _first_equal(left_hashes.take(pa.array(new, pa.int64())))
+        first = first_equal(left_hashes.take(pa.array(new, pa.int64())))
         is_first = first == np.arange(len(new))
         pending = new[is_first]  # indices into left, embedded
         pending_of = np.full(len(new), -1, np.int64)
@@ -395,48 +291,12 @@ class Indexer:
 
     def _hash_all(self, files: np.ndarray, paths: pa.ChunkedArray) -> pa.ChunkedArray:
         """Content hashes of the listed files at `files`, null where the file can't be read,
-        through `self.hasher` (or this process's threads). Answers may come in any order:
-        they are put back in listing order (an Arrow sort, not a Python object per file),
-        failures too."""
-        hasher = self.hasher or self._hash_here
-        names = _NamedPaths(paths, files, self._namer())
-        at_chunks: list[np.ndarray] = [np.zeros(0, np.int64)]
-        hash_chunks: list[pa.Array] = [pa.array([], pa.large_string())]
-        failed: list[tuple[int, str]] = []
-        at: list[int] = []
-        got: list[str | None] = []
-
-        def flush() -> None:
-            at_chunks.append(np.asarray(at, np.int64))
-            hash_chunks.append(pa.array(got, pa.large_string()))
-            at.clear(), got.clear()
-
-        for i, h, cause in hasher(names):
-            if h is None:
-                failed.append((i, cause or "unreadable"))
-            at.append(i)
-            got.append(h)
-            if len(at) >= HASH_CHUNK:
-                flush()
-        flush()
-        positions = np.concatenate(at_chunks)
-        order = np.argsort(positions, kind="stable")
-        if not np.array_equal(positions[order], np.arange(len(files))):
-            # a lost or repeated answer would silently plan files as unreadable or twice
-            raise RuntimeError(f"the hasher answered {len(positions)} times for {len(files)} files")
-        for i, cause in sorted(failed):
+        through `self.hasher` (or this process's threads), in listing order."""
+        names = NamedPaths(paths, files, self._namer())
+        hashes, failed = hash_in_order(self.hasher or hash_here, names)
+        for i, cause in failed:
             self._fail(paths[int(files[i])].as_py(), cause)
-        return pa.chunked_array(hash_chunks).take(pa.array(order, pa.int64()))
-
-    def _hash_here(self, names: Sequence[str]) -> Iterator[tuple[int, str | None, str | None]]:
-        """The default Hasher: 4 threads of this process, in order (reading and hashing
-        release the GIL)."""
-
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            for start in range(0, len(names), HASH_CHUNK):
-                answers = pool.map(hash_named, names[start : start + HASH_CHUNK])
-                for i, (digest, cause) in enumerate(answers, start):
-                    yield i, digest, cause
+        return hashes
 
     def _namer(self) -> Callable[[str], str]:
         """What the embedder (or a hasher) opens for a listed path: its URL or file path."""
@@ -483,7 +343,7 @@ class Indexer:
             self.on_progress(0, total)
         if not total:
             return
-        paths = _NamedPaths(todo.listing["path"], todo.file_at[todo.pending], self._namer())
+        paths = NamedPaths(todo.listing["path"], todo.file_at[todo.pending], self._namer())
         # (pending index, embedding, (width, height), content hash if the embedder gave one)
         buffer: list[tuple[int, np.ndarray, tuple[int, int], str | None]] = []
         failed: list[int] = []
@@ -586,6 +446,4 @@ def index_folder(
         return Indexer(store, embedder, Path(str(folder)), **kwargs).run(writer)
 
 
-__all__ = [
-    "IndexReport", "Indexer", "index_folder", "file_hash", "hash_named", "embeddings_from_arrow"
-]
+__all__ = ["IndexReport", "Indexer", "index_folder"]

@@ -47,8 +47,9 @@ import numpy as np
 from . import ann
 from .content_hash import stream_hash, unreadable
 from .embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
+from .hasher import hash_named
 from .index import index_files, load_saved, read_meta, save_index, update_after_write, update_index
-from .indexer import IndexReport, hash_named, index_folder
+from .indexer import IndexReport, index_folder
 from .one_line import first_line
 from .remote import FsspecSource, is_url  # noqa: F401 - FsspecSource: re-exported
 from .remote import read_bytes as _read_bytes

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from fixtures.shapes import make_shape_folder
-from vqret.retrieval.indexer import file_hash, index_folder
+from vqret.retrieval.content_hash import file_hash
+from vqret.retrieval.indexer import index_folder
 from vqret.retrieval.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,9 +26,10 @@ ray = pytest.importorskip("ray")
 
 from vqret.retrieval import ray_engine  # noqa: E402
 from vqret.retrieval.collection import Collection  # noqa: E402
+from vqret.retrieval.content_hash import file_hash  # noqa: E402
 from vqret.retrieval.embedder import ModelSpec  # noqa: E402
 from vqret.retrieval.index import load_saved  # noqa: E402
-from vqret.retrieval.indexer import file_hash, index_folder  # noqa: E402
+from vqret.retrieval.indexer import index_folder  # noqa: E402
 from vqret.retrieval.store import Store, embeddings_to_arrow, now_utc  # noqa: E402
 from vqret.retrieval.walk import walk_images  # noqa: E402
 
@@ -91,7 +92,7 @@ def _run_both(local: Store, remote: Store, embedder, folder: Path) -> tuple[dict
 
     # The Ray workers are other processes: patched here, only the driver's hashing breaks.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("vqret.retrieval.indexer.file_hash", _driver_must_not_read)
+        patch.setattr("vqret.retrieval.hasher.file_hash", _driver_must_not_read)
         patch.setattr(ray_engine.RayEmbedder, "hash_files", counted)
         b = ray_engine.index_folder_with_ray(remote, remote.spec, folder, batch_size=16,
                                              text_embedder=embedder).to_dict()
