@@ -20,7 +20,7 @@ def index_shapes(folder: Path, embedder, n: int = 120, seed: int = 1234):
 
     Returns (collection, drawn rows as make_shape_folder gives them).
     """
-    from vqret.retrieval.collection import Collection
+    from vqret import Collection
 
     drawn = make_shape_folder(folder, n, seed=seed)
     shutil.copyfile(drawn[0][0], folder / DUPLICATE)
@@ -42,10 +42,14 @@ def live_server(app) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    # The thread dying is the failure; the deadline only stops a hung start from hanging the
+    # run, so it is generous: a loaded CI machine can take many seconds to start uvicorn.
+    deadline = time.monotonic() + 300
     while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server didn't start")
+        if not thread.is_alive():
+            raise RuntimeError("the test server didn't start (its thread exited)")
+        if time.monotonic() > deadline:
+            raise RuntimeError("the test server didn't start in 300 s")
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}/"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -28,6 +28,61 @@ def index_args(folder: Path, tiny_clip, *extra: str) -> list[str]:
 def precision_at_5(results: list[dict], color: str, shape: str) -> float:
     top = results[:5]
     return sum(f"_{color}_{shape}." in r["path"] for r in top) / 5
+
+
+def cli_command(*args: str, prelude: str = "") -> list[str]:
+    """`vqret ARGS` in a fresh interpreter that runs `prelude` first: a hook or a guard the
+    test installs in the CLI's own process, so that it controls when things happen there."""
+    run = ("\nimport runpy, sys\nsys.argv = ['vqret', *sys.argv[1:]]\n"
+           "runpy.run_module('vqret.cli.main', run_name='__main__')\n")
+    return [sys.executable, "-c", prelude + run, *args]
+
+
+def run_cli_with(prelude: str, *args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args, prelude=prelude), capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+# Once 40 rows are committed, the indexer's next commit stops just before its manifest
+# replaces the old one (its part file written, not yet listed): the worst moment to die. It
+# says how many rows are committed and waits there for the test, which kills it.
+HOLD_BEFORE_PUBLISHING = """
+import os, sys
+from pathlib import Path
+from vqret.retrieval.store import MANIFEST, StoreWriter
+
+commit, replace = StoreWriter.commit, os.replace
+armed = []
+
+def commit_or_arm(self, add=None, *args, **kwargs):
+    if not armed and add is not None and add.num_rows and len(self.store) >= 40:
+        armed.append(len(self.store))
+    return commit(self, add, *args, **kwargs)
+
+def replace_or_hold(src, dst, *args, **kwargs):
+    if armed and Path(dst).name == MANIFEST:
+        print(f"holding {armed[0]}", flush=True)
+        sys.stdin.readline()
+        os._exit(1)  # let go without a kill: die mid-commit all the same
+    return replace(src, dst, *args, **kwargs)
+
+StoreWriter.commit, os.replace = commit_or_arm, replace_or_hold
+"""
+
+# Any name lookup or internet connection ends the process at once, loudly, whatever the code
+# around it would catch: a run that passes under it never tried the network.
+NO_NETWORK = """
+import os, socket, sys
+
+def no_network(event, args):
+    lookup = event == "socket.getaddrinfo" or event.startswith("socket.gethostby")
+    connect = event == "socket.connect" and args[0].family in (socket.AF_INET, socket.AF_INET6)
+    if lookup or connect:
+        os.write(2, f"network attempt: {event} {args[-1] if connect else args}\\n".encode())
+        os._exit(97)
+
+sys.addaudithook(no_network)
+"""
 
 
 def test_index_then_search_by_text_and_image(shapes_folder, tiny_clip, tmp_path):
@@ -188,36 +243,45 @@ def test_killed_run_resumes_without_losing_commits(tmp_path, tiny_clip):
 
     folder = tmp_path / "many"
     folder.mkdir()
-    make_shape_folder(folder, 400, seed=7)
+    make_shape_folder(folder, 100, seed=7)
     store = folder / ".vqret"
-    cmd = [sys.executable, "-m", "vqret.cli.main",
-           *index_args(folder, tiny_clip, "--batch-size", "4", "--commit-every", "4",
-                       "--workers", "0", "--quiet")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    committed = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            committed = len(Store(store))
-        except Exception:  # noqa: BLE001 - not created yet
-            committed = 0
-        if committed >= 40:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "indexing finished before it could be killed"
-    # a reader during the run sees a consistent committed state
-    during = Store(store)
-    assert during.read_table().num_rows == len(during)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cmd = cli_command(*index_args(folder, tiny_clip, "--batch-size", "4", "--commit-every", "4",
+                                  "--workers", "0", "--quiet"), prelude=HOLD_BEFORE_PUBLISHING)
+    log = tmp_path / "indexer.log"
+    with open(log, "w") as errors:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=errors, text=True)
+    try:
+        # blocks until the indexer holds, or exits without reaching the hold
+        line = next((out for out in proc.stdout if out.startswith("holding ")), "")
+        assert line, f"the indexer never held:\n{log.read_text()}"
+        committed = int(line.split()[1])
+        assert proc.poll() is None
+        # a reader during the run sees the last committed state, not the half-made commit
+        during = Store(store)
+        assert during.read_table().num_rows == len(during) == committed >= 40
+        unlisted = {f.name for f in (store / "images").iterdir()} - set(during.parts())
+        assert unlisted, "the held commit should have written a part the manifest doesn't list"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stdin.close()
 
     survived = Store(store)
     kept = survived.read_table().num_rows
-    assert kept >= 40 and kept == len(survived)
+    assert kept == len(survived) == committed
     report = run_json("index", str(folder))
     assert report["unchanged"] == kept
-    assert report["added"] == report["embedded"] == 400 - kept
-    assert len(Store(store)) == 400
+    assert report["added"] == report["embedded"] == 100 - kept
+    resumed = Store(store)
+    assert len(resumed) == 100
+    # the next writer removed what the killed one left half-made
+    assert {f.name for f in (store / "images").iterdir()} == set(resumed.parts())
+    assert not any(f.name.startswith(".tmp-") for f in store.iterdir())
 
 
 def test_second_indexer_is_refused_while_first_runs(tmp_path, tiny_clip):
@@ -227,41 +291,52 @@ def test_second_indexer_is_refused_while_first_runs(tmp_path, tiny_clip):
 
     make_shape_folder(folder, 8, seed=3)
     run_json(*index_args(folder, tiny_clip))
-    holder = subprocess.Popen(  # another `vqret index`, held mid-write
-        [sys.executable, "-c", "import sys, time\n"
+    holder = subprocess.Popen(  # another `vqret index`, held mid-write until the test lets go
+        [sys.executable, "-c", "import sys\n"
          "from vqret.retrieval.store import Store\n"
          "store = Store(sys.argv[2])\n"
          "sys.argv = ['vqret', 'index', sys.argv[1]]  # as the CLI's process has it\n"
          "with store.writer():\n"
-         "    print('locked', flush=True); time.sleep(60)\n",
+         "    print('locked', flush=True); sys.stdin.readline()\n",
          str(folder), str(folder / ".vqret")],
-        stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
         proc = run_cli("index", str(folder), check=False)
+        holder.stdin.close()  # the holder leaves its writer block and exits
+        assert holder.wait(timeout=600) == 0
     finally:
-        holder.kill()
+        if holder.poll() is None:
+            holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert proc.returncode == 1
     assert f"another writer (`vqret index`, pid {holder.pid}) is writing" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # refused because of the holder, not for another reason: with it gone, the same run works
+    assert run_json("index", str(folder))["unchanged"] == 8
 
 
 def test_offline_pretrained_weights_fail_fast_with_a_clear_message(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.new("RGB", (32, 32)).save(folder / "a.png")
-    started = time.monotonic()
-    proc = run_cli("index", str(folder), "--model", "ViT-B-32", "--pretrained",
-                   "laion2b_s34b_b79k", check=False, env={"HF_HUB_OFFLINE": "1"})
-    assert time.monotonic() - started < 60
+    args = ("index", str(folder), "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k")
+    # not in the cache, whatever this machine has cached
+    empty_cache = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    # "fast" = without trying the network: any attempt would end the run with exit 97
+    proc = run_cli_with(NO_NETWORK, *args, env={**empty_cache, "HF_HUB_OFFLINE": "1"})
+    assert "network attempt" not in proc.stderr
     assert proc.returncode == 1
     message = proc.stderr.strip()
     assert len(message.splitlines()) == 1 and "Traceback" not in message
     assert "ViT-B-32" in message and "laion2b_s34b_b79k" in message
     assert "--pretrained /path/to/" in message
     assert not (folder / ".vqret").exists()
+    # the guard is live: online, the same run does try the network (and is stopped there)
+    online = run_cli_with(NO_NETWORK, *args, env={**empty_cache, "HF_HUB_OFFLINE": "0"})
+    assert online.returncode == 97 and "network attempt" in online.stderr
 
 
 def test_search_without_store_and_empty_query(tmp_path, shapes_folder, tiny_clip):
