@@ -46,9 +46,9 @@ StoreOpt = Annotated[
 
 def open_store(store: Path | None):
     """A store by path (the store folder or the folder it indexes), or the nearest one up."""
-    from vqret.retrieval.collection import Collection
+    from vqret.retrieval.store import Store
 
-    return Collection.open(store).store  # opens no model
+    return Store.open(store)
 
 
 @tokenizer_app.command("train")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 from vqret.retrieval.atomic import atomic_write
-from vqret.tokenizer.checkpoint import weights_file
+from vqret.retrieval.weights import weights_file
 
 from .config import DiffusionConfig
 from .model import DiT

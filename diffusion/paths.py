@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vqret.retrieval.atomic import atomic_write
 from vqret.retrieval.store import Store
+from vqret.retrieval.weights import weights_file
 
 __all__ = ["DIFFUSION_DIRNAME", "atomic_write", "diffusion_path", "has_model", "open_store"]
 
@@ -20,9 +21,7 @@ WEIGHTS_NAME = "diffusion.safetensors"
 
 def open_store(store: str | os.PathLike[str] | None) -> Store:
     """A store by path (or its indexed folder), or the nearest one from here up."""
-    from vqret.retrieval.collection import Collection
-
-    return Collection.open(store).store  # opens no model
+    return Store.open(store)
 
 
 def diffusion_path(store: Store, given: str | os.PathLike[str] | None = None) -> Path:
@@ -32,5 +31,8 @@ def diffusion_path(store: Store, given: str | os.PathLike[str] | None = None) ->
 
 def has_model(store: Store, given: str | os.PathLike[str] | None = None) -> bool:
     """Whether a diffusion checkpoint is there (no torch import: `vqret search` asks this)."""
-    path = diffusion_path(store, given)
-    return path.is_file() if path.suffix == ".safetensors" else (path / WEIGHTS_NAME).is_file()
+    try:
+        weights_file(diffusion_path(store, given), WEIGHTS_NAME, "no diffusion model")
+    except ValueError:
+        return False
+    return True

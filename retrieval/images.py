@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .content_hash import unreadable
 from .one_line import first_line
 from .urls import is_url
 
@@ -160,7 +161,7 @@ def _open_source(source: object, name: str) -> BinaryIO:
         try:
             return open(source, "rb")
         except OSError as err:
-            raise ImageLoadError(name, f"unreadable ({err.strerror or err})") from err
+            raise ImageLoadError(name, unreadable(err)) from err
     return source  # type: ignore[return-value]
 
 
@@ -179,7 +180,7 @@ def _open_image(fp: BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
         raise ImageLoadError(name, cause) from err
     except OSError as err:
         if err.errno is not None:  # a real I/O error, not a PIL parsing one
-            raise ImageLoadError(name, f"unreadable ({err.strerror or err})") from err
+            raise ImageLoadError(name, unreadable(err)) from err
         raise _decode_error(name, None, err) from err
     except Exception as err:  # some plugins fail header parsing with other exception types
         raise _decode_error(name, None, err) from err

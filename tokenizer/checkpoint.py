@@ -13,7 +13,6 @@ produced a code grid, so stored codes can be checked against the tokenizer decod
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 from vqret.retrieval.atomic import atomic_write
+from vqret.retrieval.content_hash import file_sha256
+from vqret.retrieval.weights import weights_file
 
 from .config import TokenizerConfig
 from .model import VQVAE
@@ -50,26 +51,9 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     )
 
 
-def weights_file(path: str | os.PathLike[str], name: str, missing: str) -> Path:
-    """`path`'s weights: the folder's `name`, the .safetensors itself, or the one beside a
-    .json; ValueError('PATH: `missing`') when there is none."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / name
-    elif path.suffix == ".json":
-        path = path.with_suffix(".safetensors")
-    if not path.is_file():
-        raise ValueError(f"{path}: {missing}")
-    return path
-
-
 def tokenizer_id(path: str | os.PathLike[str]) -> str:
     """sha256 (hex) of the checkpoint's weights file."""
-    h = hashlib.sha256()
-    with open(resolve_checkpoint(path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(resolve_checkpoint(path))
 
 
 def save_checkpoint(

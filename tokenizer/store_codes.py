@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from vqret.retrieval.content_hash import unreadable
 from vqret.retrieval.images import ImageLoadError
 from vqret.retrieval.store import Failure, Store, StoreError
 
@@ -185,7 +186,7 @@ def encode_store(
             except ImageLoadError as err:
                 return err.cause
             except OSError as err:  # e.g. the file vanished since `vqret index`
-                return f"unreadable ({err.strerror or err})"
+                return unreadable(err)
 
         batch = max(1, tokenizer.batch_size)
         with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:

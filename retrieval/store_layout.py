@@ -1,0 +1,125 @@
+"""What a store folder holds: its names, its tables' schemas, rows <-> arrays, the errors.
+
+Shared by the reader (store.py) and the writer (store_writer.py); torch-free and cheap, as
+every module that touches rows imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = [
+    "COMPACT_ROWS",
+    "IMAGES",
+    "MANIFEST",
+    "ROW_GROUP_ROWS",
+    "SCHEMA_VERSION",
+    "STORE_DIRNAME",
+    "TABLES",
+    "TEXTS",
+    "Failure",
+    "StoreError",
+    "StoreLockedError",
+    "embeddings_from_arrow",
+    "embeddings_to_arrow",
+    "now_utc",
+    "row_schema",
+    "table_schema",
+    "text_schema",
+]
+
+SCHEMA_VERSION = 1
+STORE_DIRNAME = ".vqret"
+MANIFEST = "manifest.json"
+IMAGES = "images"
+TEXTS = "texts"
+TABLES = (IMAGES, TEXTS)  # each table's parts live in a folder of the same name
+# Parts smaller than this are merged at the end of an indexing run, so a collection built in
+# many small commits doesn't end up as thousands of files.
+COMPACT_ROWS = 100_000
+# Rows per Parquet row group: a reader streaming a part (`iter_batches`, the sharded index
+# build's tasks) decodes a whole row group at a time, and one row group per 100k-row part
+# is ~200 MB of embeddings at d = 512.
+ROW_GROUP_ROWS = 8192
+
+
+class StoreError(RuntimeError):
+    """A store that can't be opened, is locked, or doesn't fit the requested model."""
+
+
+class StoreLockedError(StoreError):
+    pass
+
+
+def row_schema(dim: int) -> pa.Schema:
+    """The image table: one row per image file."""
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("path", pa.string(), nullable=False),  # relative to the indexed folder
+            pa.field("size", pa.int64()),
+            pa.field("mtime_ns", pa.int64()),
+            pa.field("hash", pa.string()),  # blake2b-128 of the file's bytes
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            pa.field("added_at", pa.timestamp("us", tz="UTC")),
+            # The VQ tokenizer's code grid (row-major, uint16) and the tokenizer's id; null
+            # until `vqret tokenizer encode` has run with that tokenizer.
+            pa.field("codes", pa.list_(pa.uint16())),
+            pa.field("codes_tokenizer", pa.string()),
+        ]
+    )
+
+
+def text_schema(dim: int) -> pa.Schema:
+    """The text table: captions and other texts, searchable like images."""
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("source", pa.string()),  # sidecar path, or "file.csv:row"
+            pa.field("image_id", pa.int64()),  # the image it describes, when known
+            pa.field("hash", pa.string()),  # of (source, text): re-indexing skips what's known
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            pa.field("added_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+def table_schema(table: str, dim: int) -> pa.Schema:
+    return row_schema(dim) if table == IMAGES else text_schema(dim)
+
+
+def embeddings_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+
+
+def embeddings_from_arrow(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """(N, dim) float32 view of a fixed-size-list column, copying only across chunks."""
+    if isinstance(column, pa.ChunkedArray):
+        chunks = column.chunks
+    else:
+        chunks = [column]
+    if not chunks:
+        return np.zeros((0, dim), dtype=np.float32)
+    flat = [c.flatten().to_numpy(zero_copy_only=False) for c in chunks]
+    return np.concatenate(flat).reshape(-1, dim) if len(flat) > 1 else flat[0].reshape(-1, dim)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Failure:
+    path: str
+    error: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "error": self.error}
