@@ -1,7 +1,8 @@
 """`vqret dupes`: groups of near-duplicate images, from stored codes and embeddings.
 
 Wired into the main app by `register(app)` (cli/main.py). The work is in
-vqret.tokenizer.dupes; this module only parses options and prints.
+vqret.retrieval.dupes (beside the store whose rows it reads); this module only parses options
+and prints.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from rich.console import Console
 from vqret.cli.errors import clean_errors
 from vqret.cli.tokenizer import open_store
 
-# vqret.tokenizer.dupes' defaults, repeated so that `vqret --help` doesn't import numpy
+# vqret.retrieval.dupes' defaults, repeated so that `vqret --help` doesn't import numpy
 # (tests/test_tokenizer_store.py checks that they agree).
 THRESHOLD = 0.95
 CODES_THRESHOLD = 0.25
@@ -80,7 +81,7 @@ def dupes(
     Similarity: cosine to the group's first image.
     """
     with clean_errors():
-        from vqret.tokenizer.dupes import find_duplicates
+        from vqret.retrieval.dupes import find_duplicates
 
         opened = open_store(store)
         report = find_duplicates(

@@ -26,14 +26,14 @@ from PIL import Image
 from typer.testing import CliRunner
 from vqret.cli import dupes as dupes_cli
 from vqret.cli.tokenizer import register as register_tokenizer
+from vqret.retrieval import dupes as dupes_lib
 from vqret.retrieval.collection import Collection
+from vqret.retrieval.dupes import candidate_pairs
 from vqret.retrieval.embedder import ModelSpec
 from vqret.retrieval.index import index_files, load_saved, read_meta
 from vqret.retrieval.store import Store, embeddings_to_arrow
-from vqret.tokenizer import dupes as dupes_lib
 from vqret.tokenizer.api import Tokenizer
 from vqret.tokenizer.checkpoint import load_checkpoint, save_checkpoint
-from vqret.tokenizer.dupes import candidate_pairs
 
 N_IMAGES = 48
 TRAIN_STEPS = 150  # ~20 s on one core; copies of an image keep >= 84% of their codes
