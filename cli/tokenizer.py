@@ -88,7 +88,7 @@ def train_command(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate (Adam).")] = 1e-3,
     holdout: Annotated[float, typer.Option(help="Fraction of files held out and measured.")] = 0.05,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
     workers: Annotated[int, typer.Option(min=0, help="Augmentation worker processes.")] = 0,
@@ -231,7 +231,7 @@ def encode_command(
     store: StoreOpt = None,
     checkpoint: TokenizerOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for another writer of the store.")
@@ -305,7 +305,7 @@ def decode_command(
     ] = None,
     store: StoreOpt = None,
     checkpoint: TokenizerOpt = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "cpu",
 ) -> None:
     """Rebuild an image from its stored codes (no pixels read): --id N or --path P."""
     if (row_id is None) == (path is None):

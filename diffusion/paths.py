@@ -13,15 +13,10 @@ from vqret.retrieval.atomic import atomic_write
 from vqret.retrieval.store import Store
 from vqret.retrieval.weights import weights_file
 
-__all__ = ["DIFFUSION_DIRNAME", "atomic_write", "diffusion_path", "has_model", "open_store"]
+__all__ = ["DIFFUSION_DIRNAME", "atomic_write", "diffusion_path", "has_model"]
 
 DIFFUSION_DIRNAME = "diffusion"
 WEIGHTS_NAME = "diffusion.safetensors"
-
-
-def open_store(store: str | os.PathLike[str] | None) -> Store:
-    """A store by path (or its indexed folder), or the nearest one from here up."""
-    return Store.open(store)
 
 
 def diffusion_path(store: Store, given: str | os.PathLike[str] | None = None) -> Path:

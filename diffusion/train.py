@@ -35,7 +35,7 @@ from .config import DiffusionConfig, get_config
 from .flow import flow_matching_loss
 from .latents import load_training_pairs
 from .model import DiT
-from .paths import DIFFUSION_DIRNAME, open_store
+from .paths import DIFFUSION_DIRNAME
 
 __all__ = ["TrainResult", "train"]
 
@@ -91,7 +91,7 @@ def train(
     """
     say = log_fn or log.info
     check_budget(steps, minutes, batch_size, lr)
-    store = store if isinstance(store, Store) else open_store(store)
+    store = store if isinstance(store, Store) else Store.open(store)
     get_config(preset or "cpu", **overrides)  # a bad preset or field fails before any work
     out = Path(out) if out is not None else store.path / DIFFUSION_DIRNAME
     dev = resolve_device(device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from .content_hash import stream_hash
 from .images import IMAGE_EXTENSIONS
 from .one_line import first_line
 from .store import StoreError
-from .urls import is_url
+from .urls import is_url, was_url
 from .walk import SKIPPED_DIRS, FileEntry
 
 
@@ -299,8 +298,7 @@ def version_ns(info: dict[str, Any]) -> int:
 
 def check_local_store(store: str | os.PathLike | None) -> None:
     """The store is a local folder: a URL there gets one line, not a folder named 's3:'."""
-    # typer's Path has already folded "s3://b" into "s3:/b": match the scheme and one slash
-    if store is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", os.fspath(store)):
+    if store is not None and was_url(store):  # typer's Path folded "s3://b" into "s3:/b"
         raise StoreError(
             f"--store {os.fspath(store)}: the store must be a local folder (the images may be "
             "remote; the Parquet rows, manifest and index are written locally)"
