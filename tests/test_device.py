@@ -64,3 +64,21 @@ def test_every_model_takes_its_device_from_the_one_resolver(monkeypatch, tiny_cl
         Tokenizer(create_model("tiny"), device="cuda:1")
     with pytest.raises(DeviceError, match="--device cuda:1: torch sees no CUDA device"):
         Embedder(*tiny_clip, device="cuda:1")
+
+
+def test_the_index_reads_the_same_names(monkeypatch):
+    import faiss
+    import numpy as np
+    from vqret.retrieval import index as index_mod
+
+    index = index_mod.build_index(np.arange(3), np.eye(3, dtype=np.float32))
+    moved = []
+    monkeypatch.setattr(index_mod, "gpu_count", lambda: 2)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: None, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda _, n, i: moved.append(n) or i,
+                        raising=False)
+    for name in ("cpu", "mps", "auto", "cuda", "cuda:1", "cuda:2"):
+        assert index_mod.to_search_device(index, name) is index
+    assert moved == [0, 0, 1]  # cuda:2 of two GPUs: stays on the CPU
+    with pytest.raises(DeviceError, match="unknown device 'gpu'"):
+        index_mod.to_search_device(index, "gpu")
