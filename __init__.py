@@ -5,8 +5,10 @@ The public API, imported lazily so that `import vqret` (and the CLI's start-up) 
     from vqret import Collection, Embedder
     col = Collection.create("photos/")          # store in photos/.vqret
     col.index("photos/")
-    for hit in col.search(text="a red car", k=5):
+    for hit in col.search("a red car", k=5):      # or "cat - grass + 2:./dog.jpg"
         print(hit.rank, hit.score, hit.path)
+    hits = col.search("a purple elephant", generate="auto")
+    hits.generated                                # the drawn picture's record, or None
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Collection": "vqret.retrieval.collection",
+    "Collection": "vqret.api",
     "SearchResult": "vqret.retrieval.collection",
+    "SearchResults": "vqret.retrieval.engine",
+    "Query": "vqret.retrieval.query",
+    "Term": "vqret.retrieval.query",
+    "QueryError": "vqret.retrieval.query",
     "IndexReport": "vqret.retrieval.indexer",
     "Embedder": "vqret.retrieval.embedder",
     "ModelSpec": "vqret.retrieval.embedder",
@@ -40,9 +46,13 @@ __all__ = [
     "ImageLoadError",
     "IndexReport",
     "ModelSpec",
+    "Query",
+    "QueryError",
     "SearchResult",
+    "SearchResults",
     "Store",
     "StoreError",
+    "Term",
     "Tokenizer",
     "WeightsUnavailableError",
     "__version__",
@@ -51,11 +61,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from vqret.api import Collection
     from vqret.diffusion.generate import GeneratedImages, generate
-    from vqret.retrieval.collection import Collection, SearchResult
+    from vqret.retrieval.collection import SearchResult
     from vqret.retrieval.embedder import Embedder, ModelSpec, WeightsUnavailableError
+    from vqret.retrieval.engine import SearchResults
     from vqret.retrieval.images import ImageLoadError, load_image
     from vqret.retrieval.indexer import IndexReport
+    from vqret.retrieval.query import Query, QueryError, Term
     from vqret.retrieval.store import Store, StoreError
     from vqret.tokenizer.api import Tokenizer
 

@@ -83,7 +83,7 @@ def warm_onnx_latency_ms(store: str | os.PathLike, texts: Sequence[str], warmup:
                          ) -> list[float]:
     """Milliseconds per warm single-query embedding through the store's ONNX encoder (as a
     long-lived process loads it: weights pre-packed, full BPE table)."""
-    from vqret.retrieval.collection import Collection
+    from vqret import Collection
     from vqret.retrieval.onnx_text import load_text_encoder
 
     encoder = load_text_encoder(store, Collection.open(store).store.spec)
@@ -108,7 +108,7 @@ def cold_search_benchmark(
 ) -> dict[str, Any]:
     """Index `paths` (linked into `workdir`) with `embedder`, export its text encoder as
     `vqret index` does, then time cold searches and warm ONNX queries on that store."""
-    from vqret.retrieval.collection import Collection
+    from vqret import Collection
 
     folder = Path(workdir) / "images"
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from vqret import Collection
 from vqret.diffusion.generate import Generator
-from vqret.retrieval.collection import Collection
 from vqret.retrieval.store import TEXTS
 
 Log = Callable[[str], Any]

@@ -72,7 +72,7 @@ def run_serve_latency_benchmark(
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="vqret-bench-serve-") as tmp:
         store_path = _store_for(Path(source), model, pretrained, limit, device, Path(tmp), say)
-        from vqret.retrieval.collection import Collection
+        from vqret import Collection
 
         collection = Collection.open(store_path, device=device, num_workers=0)
         n_images = len(collection.store)
@@ -185,7 +185,7 @@ def _store_for(
         return source / STORE_DIRNAME
     if not source.is_dir():
         raise ValueError(f"{source}: not a store nor a folder")
-    from vqret.retrieval.collection import Collection
+    from vqret import Collection
     from vqret.retrieval.walk import walk_images
 
     # Links to the first `limit` images, so that a big folder is benchmarked on a slice of it

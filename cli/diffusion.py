@@ -1,5 +1,5 @@
-"""`vqret diffusion train|presets`, `vqret generate`, `vqret bench diffusion`, and the
-`vqret search` fallback: thin wrappers over vqret.diffusion.
+"""`vqret diffusion train|presets`, `vqret generate`, `vqret bench diffusion`: thin wrappers
+over vqret.diffusion. (`vqret search`'s fallback runs in the query engine: cli/search.py.)
 
 Wired into the main app by `register(app, bench_app)` (cli/main.py). Heavy imports (torch)
 happen inside the commands so that `vqret --help` stays instant.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -172,77 +172,6 @@ def generate_command(
     for row in rows:
         out.print(f"{row['path']}  CLIP score {row['clip_score']:.4f}  (seed {row['seed']})",
                   highlight=False)
-
-
-# ------------------------------------------------------------------------------------------
-# the search fallback
-# ------------------------------------------------------------------------------------------
-
-
-def search_fallback(
-    collection: Any,
-    query: str,
-    results: list,
-    mode: str,
-    threshold: float | None,
-    output: Path | None,
-    *,
-    quiet: bool = False,
-    seed: int = 0,
-) -> dict[str, Any] | None:
-    """For `vqret search`: decide, say so in one line on stderr, and generate one image.
-
-    Returns the `generated` record (path, clip_score, best_score, threshold, ...) or None.
-    auto: generate when the best score is below the threshold (given, or calibrated on the
-    collection and cached beside the model); a store without a model never generates.
-    """
-    from vqret.diffusion.fallback import MODES, decide, threshold_for
-    from vqret.diffusion.paths import has_model
-
-    if mode not in MODES:
-        raise ValueError(f"--generate must be one of {', '.join(MODES)}, got {mode!r}")
-    model_there = has_model(collection.store)
-    if mode == "never" or (mode == "auto" and not model_there):
-        return None
-    if not model_there:
-        raise ValueError(f"{collection.store.path}: --generate always needs a diffusion model "
-                         "(train one with `vqret diffusion train`)")
-    best = results[0].score if results else None
-    source = "given"
-    if threshold is None:
-        calibration = threshold_for(collection)
-        threshold, source = calibration.threshold, f"calibrated on {calibration.method}"
-    generate_now = decide(mode, best, threshold)
-    best_text = "no result" if best is None else f"{best:.4f}"
-    if not generate_now:
-        if not quiet:
-            err.print(f"best score {best_text} >= threshold {threshold:.4f} ({source}): "
-                      "no image generated", highlight=False)
-        return None
-    from vqret.diffusion.generate import Generator
-
-    generator = Generator.load(collection)
-    images = generator.generate(query, n=1, seed=seed)
-    if output is None:
-        slug = "".join(ch if ch.isalnum() else "-" for ch in query.lower())[:48].strip("-")
-        output = collection.store.path / "diffusion" / "generated" / f"{slug or 'query'}.png"
-    path = images.save(output)[0]
-    record = {**images.to_dicts([path])[0], "best_score": best, "threshold": threshold,
-              "threshold_source": source, "mode": mode}
-    if not quiet:
-        reason = "below" if best is not None and best < threshold else "vs"
-        err.print(f"best score {best_text} {reason} threshold {threshold:.4f} ({source}): "
-                  f"generated {path}", highlight=False)
-    return record
-
-
-def generated_rows(generated: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """`vqret search --json`: the generated image as one more entry after the results, shaped
-    like them (rank, id, path, score) plus the `generated` record; nothing when none."""
-    if not generated:
-        return []
-    return [{"rank": None, "id": None, "path": generated["path"],
-             "score": generated["clip_score"], "generated": generated}]
 
 
 # ------------------------------------------------------------------------------------------

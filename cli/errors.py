@@ -1,5 +1,5 @@
-"""How every command fails: one line on stderr naming the file and the cause, exit status 1,
-never a traceback; Ctrl-C says what was kept and exits 130."""
+"""How every command fails: one line on stderr naming the file and the cause, exit status 1
+(2 for a bad query), never a traceback; Ctrl-C says what was kept and exits 130."""
 
 from __future__ import annotations
 
@@ -30,10 +30,13 @@ def clean_errors(kept: str = KEPT_COMMITTED) -> Iterator[None]:
     # Imported here: `vqret --help` must not pay for the store's and models' modules.
     from vqret.retrieval.images import ImageLoadError
     from vqret.retrieval.model_spec import ModelConfigError, WeightsUnavailableError
+    from vqret.retrieval.query import QueryError
     from vqret.retrieval.store import StoreError
 
     try:
         yield
+    except QueryError as e:  # bad input: exit 2, like a usage error
+        fail(str(e), 2)
     except (StoreError, WeightsUnavailableError, ModelConfigError, ImageLoadError,
             ValueError) as e:
         fail(str(e))

@@ -126,14 +126,14 @@ def index(
 ) -> None:
     """Embed every image under FOLDER; again, it touches only what changed."""
     with clean_errors():
-        from vqret.retrieval.collection import Collection
+        from vqret.api import Collection
 
         if engine not in ("local", "ray"):
             fail(f"unknown engine {engine!r}: use local or ray")
         if address is not None and engine != "ray":
             fail("--address is for --engine ray")
         if engine == "ray":
-            from vqret.retrieval.ray_engine import RayUnavailableError, require_ray
+            from vqret.retrieval.distributed import RayUnavailableError, require_ray
 
             try:
                 require_ray()  # before loading any model: the install hint, in one line
@@ -163,7 +163,7 @@ def index(
             "index_memory": parse_bytes(index_memory) if index_memory else None,
         }
         if engine == "ray":
-            from vqret.retrieval.ray_engine import RayEmbedder, indexer_options
+            from vqret.retrieval.distributed import RayEmbedder, indexer_options
 
             # Same store, same Indexer; only the images go through the model on Ray. The
             # local model already loaded embeds sidecar captions (few, cheap).
@@ -243,118 +243,6 @@ def _print_summary(report, collection) -> None:
     )
 
 
-# ------------------------------------------------------------------------------------------
-# search
-# ------------------------------------------------------------------------------------------
-
-
-@app.command()
-def search(
-    query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
-    image: Annotated[
-        Path | None, typer.Option("--image", "-i", help="Search by this image instead.")
-    ] = None,
-    k: Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")] = 10,
-    store: StoreOpt = None,
-    device: DeviceOpt = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
-    files: Annotated[
-        bool, typer.Option("-f", "--files", help="Print paths only, one a line.")
-    ] = False,
-    grid: Annotated[
-        Path | None, typer.Option("--grid", help="Also write the results as one picture.")
-    ] = None,
-    texts: Annotated[
-        bool, typer.Option("--texts", help="Search the text rows (captions) instead of images.")
-    ] = False,
-    generate: Annotated[
-        str,
-        typer.Option("--generate", help="auto | never | always: draw an image for a text "
-                     "query that matches nothing well (auto: below --threshold, with a model)."),
-    ] = "auto",
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Best score under which auto generates (default: calibrated on the collection)."
-        ),
-    ] = None,
-    generate_out: Annotated[
-        Path | None,
-        typer.Option("--generate-out", help="PNG for the generated image "
-                     "(default: STORE/diffusion/generated/QUERY.png)."),
-    ] = None,
-) -> None:
-    """Top-k images (or --texts) for a text QUERY or --image, with cosine scores."""
-    if generate not in ("auto", "never", "always"):
-        fail(f"--generate must be auto, never or always, got {generate!r}")
-    if (query is None) == (image is None):
-        fail('give a text query or --image PATH (not both), e.g. vqret search "a red car"')
-    if query is not None and not query.strip():
-        fail("empty query: give some text to search for")
-    with clean_errors():
-        import faiss
-        from vqret.retrieval.collection import Collection
-
-        # One query: faiss' OpenMP threads cost more in start-up and barriers than they save
-        # (exact search over 1M vectors measured 92 ms on 1 thread, 358 ms on 2).
-        faiss.omp_set_num_threads(1)
-        collection = Collection.open(store, device=device, one_shot=True)
-        results = collection.search(text=query, image=image, k=k, texts=texts)
-        generated = None
-        if query is not None and not texts:  # the DiT fallback (cli/diffusion.py)
-            from vqret.cli.diffusion import search_fallback
-
-            generated = search_fallback(collection, query, results, generate, threshold,
-                                        generate_out)
-        if grid is not None:
-            from vqret.retrieval.grid import render_grid
-
-            items = [(collection.resolve(r), f"#{r.rank}  {r.score:.3f}") for r in results
-                     if r.path is not None]
-            render_grid(items, grid, title=query or f"like {image.name}")
-    if as_json:
-        from vqret.cli.diffusion import generated_rows
-
-        print(json.dumps([r.to_dict() for r in results] + generated_rows(generated)))
-    elif files:
-        for r in results:
-            print(r.text if texts else collection.resolve(r))
-        if generated:
-            print(generated["path"])
-    elif texts:
-        from rich.table import Table
-
-        table = Table(box=None, pad_edge=False)
-        for column in ("rank", "score", "text", "image"):
-            table.add_column(column, justify="right" if column in ("rank", "score") else "left",
-                             overflow="fold")
-        for r in results:
-            table.add_row(str(r.rank), f"{r.score:.4f}", r.text, r.path or "")
-        out.print(table)
-    else:
-        from rich.table import Table
-
-        table = Table(box=None, pad_edge=False)
-        table.add_column("rank", justify="right")
-        table.add_column("score", justify="right")
-        table.add_column("path", overflow="fold")
-        for r in results:
-            table.add_row(str(r.rank), f"{r.score:.4f}", r.path)
-        if generated:
-            table.add_row("gen", f"{generated['clip_score']:.4f}", generated["path"])
-        out.print(table)
-    if grid is not None and not as_json and not files:
-        err.print(f"wrote {grid}", highlight=False)
-    if collection.text_export_would_help:
-        # This query needed torch (no usable ONNX text encoder): export one now, after the
-        # answer is out, so the next search starts without torch.
-        sys.stdout.flush()
-        if err.is_terminal and not (as_json or files):
-            err.print("exporting the text encoder once, so that later searches start faster",
-                      highlight=False)
-        collection.prepare_fast_text_search()
-
-
 @app.command("index-texts")
 def index_texts(
     file: Annotated[Path, typer.Argument(help="CSV or JSONL: text (or caption), optional image.")],
@@ -364,7 +252,7 @@ def index_texts(
 ) -> None:
     """Add texts (captions) to the store's text index; again, it updates that file's rows."""
     with clean_errors():
-        from vqret.retrieval.collection import Collection
+        from vqret.api import Collection
 
         report = Collection.open(store, device=device).index_texts(file)
     if as_json:
@@ -386,7 +274,7 @@ def info(
 ) -> None:
     """What a store holds: model, counts, and the files that failed last run."""
     with clean_errors():
-        from vqret.retrieval.collection import Collection
+        from vqret.api import Collection
 
         facts = Collection.open(store).info()
     if as_json:
@@ -457,6 +345,10 @@ def bench_speed(
         for key, value in result.items():
             out.print(f"{key:>28}  {value}", highlight=False)
 
+
+from vqret.cli.search import register as _register_search  # noqa: E402
+
+_register_search(app)
 
 from vqret.cli.serve import register as _register_serve  # noqa: E402
 

@@ -1,4 +1,8 @@
-"""When `vqret search` should synthesize: the best score vs a threshold from the collection.
+"""Generate-on-miss: when a search should synthesize, and the drawing itself.
+
+`generate_on_miss` is the query engine's fallback (vqret.retrieval.engine.Fallback): every
+surface passes it in, so the CLI, the server and the Python API draw the same picture for
+the same query. It decides on the best score vs a threshold from the collection.
 
 The threshold is calibrated on the collection itself, because what a "good" cosine is
 depends on the CLIP model and the pictures:
@@ -14,21 +18,26 @@ method it was computed for, and recomputed when any of them changes.
 from __future__ import annotations
 
 import json
+import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from vqret.retrieval.engine import FallbackOutcome
+from vqret.retrieval.query import GENERATE_MODES, Query, QueryError
 from vqret.retrieval.store import TEXTS
 
-from .paths import atomic_write, diffusion_path
+from .paths import atomic_write, diffusion_path, has_model
 
 if TYPE_CHECKING:  # no torch import here: `vqret search` reads a cached threshold cheaply
     from vqret.retrieval.collection import Collection
 
-__all__ = ["MODES", "Calibration", "calibrate", "decide", "threshold_for"]
+__all__ = ["MODES", "Calibration", "calibrate", "decide", "generate_on_miss", "threshold_for"]
 
-MODES = ("auto", "never", "always")
+MODES = GENERATE_MODES
 THRESHOLD_FILE = "threshold.json"
 CAPTION_PERCENTILE = 5.0
 PROBE_PERCENTILE = 75.0
@@ -100,7 +109,89 @@ def decide(mode: str, best_score: float | None, threshold: float | None) -> bool
     """Whether to generate: always; never; auto when the best score is below threshold (or
     there is no result at all)."""
     if mode not in MODES:
-        raise ValueError(f"--generate must be one of {', '.join(MODES)}, got {mode!r}")
+        raise QueryError(f"generate must be auto, never or always, not {mode!r}")
     if mode != "auto":
         return mode == "always"
     return best_score is None or (threshold is not None and best_score < threshold)
+
+
+# ---- the fallback -----------------------------------------------------------------------------
+
+GENERATED_DIRNAME = "generated"  # STORE/diffusion/generated/<query>.png
+_generators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # collection -> Generator
+_generators_lock = threading.Lock()
+
+
+def generate_on_miss(collection: Collection, query: Query, vector: np.ndarray,
+                     hits: list, *, run: Callable[[Callable], Any] | None = None
+                     ) -> FallbackOutcome:
+    """Decide by `query.generate` and draw one picture (seed `query.seed`) when it says so.
+
+    auto: when the best score is below the threshold (the query's, or calibrated on the
+    collection and cached beside the model); a store without a model never generates, and
+    always there is a QueryError. One text term is drawn through the retrieval prior; any
+    other query from its vector (through the same prior). The PNG goes to
+    `query.options["generate_out"]` or STORE/diffusion/generated/<query>.png. `run`
+    executes the drawing (a server's one-at-a-time queue); the decision is made here.
+    """
+    mode = query.generate
+    model_there = has_model(collection.store)
+    if mode == "never" or (mode == "auto" and not model_there):
+        return FallbackOutcome(None, None)
+    if not model_there:
+        raise QueryError(f"{collection.store.path}: generate always needs a diffusion model "
+                         "(train one with `vqret diffusion train`)")
+    best = hits[0].score if hits else None
+    threshold, source = query.threshold, "given"
+    if threshold is None:
+        calibration = threshold_for(collection)
+        threshold, source = calibration.threshold, f"calibrated on {calibration.method}"
+    best_text = "no result" if best is None else f"{best:.4f}"
+    if not decide(mode, best, threshold):
+        return FallbackOutcome(None, f"best score {best_text} >= threshold {threshold:.4f} "
+                                     f"({source}): no image generated")
+    record = (run or _call)(lambda: _draw(collection, query, vector))
+    path = record["path"]
+    record.update(best_score=best, threshold=threshold, threshold_source=source, mode=mode)
+    reason = "below" if best is not None and best < threshold else "vs"
+    return FallbackOutcome(record, f"best score {best_text} {reason} threshold "
+                                   f"{threshold:.4f} ({source}): generated {path}")
+
+
+def _call(fn: Callable) -> Any:
+    return fn()
+
+
+def _draw(collection: Collection, query: Query, vector: np.ndarray) -> dict[str, Any]:
+    generator = _generator(collection)
+    text = query.single_text
+    if text is not None:
+        images = generator.generate(text, n=1, seed=query.seed)
+    else:
+        images = generator.generate(embedding=generator.prior(vector), n=1, seed=query.seed)
+    output = query.options.get("generate_out") or _default_output(collection, query)
+    path = images.save(output)[0]
+    return {**images.to_dicts([path])[0], "prompt": query.prompt}
+
+
+def _generator(collection: Collection):
+    """The collection's Generator, loaded once (a server draws many times)."""
+    from .generate import Generator
+
+    with _generators_lock:
+        generator = _generators.get(collection)
+        if generator is None:
+            generator = _generators[collection] = Generator.load(collection)
+        return generator
+
+
+def generated_folder(store: Any) -> Path:
+    """Where the fallback's pictures go: STORE/diffusion/generated (a server serves them)."""
+    return diffusion_path(store) / GENERATED_DIRNAME
+
+
+def _default_output(collection: Collection, query: Query) -> Path:
+    slug = "".join(ch if ch.isalnum() else "-" for ch in query.prompt.lower())[:48].strip("-")
+    if query.seed:
+        slug = f"{slug or 'query'}-seed{query.seed}"
+    return generated_folder(collection.store) / f"{slug or 'query'}.png"

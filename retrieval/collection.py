@@ -11,12 +11,16 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .engine import Fallback, SearchResults, query_vector, run_query
+from .fetch import fetch_url
+from .query import Query, QueryError, Term, build_query
 from .store import IMAGES, STORE_DIRNAME, TEXTS, Store, StoreError, find_store
 
 if TYPE_CHECKING:  # the embedder imports torch: only when a model is really needed
@@ -51,15 +55,21 @@ class Collection:
         store: Store,
         embedder: Embedder | None = None,
         *,
+        device: str = "auto",
+        precision: str = "fp32",
+        batch_size: int = 64,
+        num_workers: int | None = None,
         text_encoder: str | None = None,
         one_shot: bool = False,
-        **embedder_kwargs: Any,
     ):
-        """`text_encoder`: "auto" embeds text queries with the store's exported ONNX text
+        """`device`, `precision`, `batch_size`, `num_workers`: for the model this collection
+        loads when it needs one (see Embedder); checked now, not when the model loads.
+        `text_encoder`: "auto" embeds text queries with the store's exported ONNX text
         tower when it is there and valid (no torch import), else with the model; "torch"
         always with the model [default: $VQRET_TEXT_ENCODER, else auto]. `one_shot`: this
         process answers one query and exits (the CLI), so load the ONNX encoder for a fast
         start rather than fast repeats."""
+        embedder_kwargs = embedder_options(device, precision, batch_size, num_workers)
         text_encoder = text_encoder or os.environ.get("VQRET_TEXT_ENCODER") or "auto"
         if text_encoder not in ("auto", "torch"):
             raise ValueError(f"unknown text encoder {text_encoder!r}: use auto or torch")
@@ -79,11 +89,28 @@ class Collection:
         # warm repeated queries skip the text tower (a server sees the same queries often)
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._vectors: tuple[int, np.ndarray, np.ndarray] | None = None  # rows' embeddings
 
     # ---- opening --------------------------------------------------------------------------
     @classmethod
-    def open(cls, store: str | os.PathLike | None = None, **embedder_kwargs: Any) -> Collection:
-        """Open a store by path, or find the nearest `.vqret` from the current folder up."""
+    def open(
+        cls,
+        store: str | os.PathLike | None = None,
+        embedder: Embedder | None = None,
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        text_encoder: str | None = None,
+        one_shot: bool = False,
+    ) -> Collection:
+        """Open a store by path, or find the nearest `.vqret` from the current folder up.
+        The options are __init__'s."""
+        options = {"device": device, "precision": precision, "batch_size": batch_size,
+                   "num_workers": num_workers, "text_encoder": text_encoder,
+                   "one_shot": one_shot}
+        embedder_options(device, precision, batch_size, num_workers)  # bad ones fail first
         if store is None:
             found = find_store()
             if found is None:
@@ -95,7 +122,7 @@ class Collection:
         path = Path(store)
         if not (path / "manifest.json").is_file() and (path / STORE_DIRNAME).is_dir():
             path = path / STORE_DIRNAME  # the indexed folder was given
-        return cls(Store(path), **embedder_kwargs)
+        return cls(Store(path), embedder, **options)
 
     @classmethod
     def create(
@@ -107,7 +134,10 @@ class Collection:
         pretrained: str | None = None,
         rebuild: bool = False,
         embedder: Embedder | None = None,
-        **embedder_kwargs: Any,
+        device: str = "auto",
+        precision: str = "fp32",
+        batch_size: int = 64,
+        num_workers: int | None = None,
     ) -> Collection:
         """Open the store for `folder` (default `<folder>/.vqret`), making it when needed.
 
@@ -117,6 +147,7 @@ class Collection:
         """
         from .remote import check_local_store, filesystem, is_url, normalise
 
+        embedder_kwargs = embedder_options(device, precision, batch_size, num_workers)
         check_local_store(store)
         if is_url(folder):
             # remote images, local store: no folder of ours to put `.vqret` in
@@ -195,41 +226,6 @@ class Collection:
             update_after_write(writer, TEXTS)
         return report.to_dict()
 
-    # ---- tokenizer codes (vqret.tokenizer) ------------------------------------------------
-    def tokenizer(self, checkpoint: str | os.PathLike | None = None, **kwargs: Any):
-        """The store's tokenizer (STORE/tokenizer, or the one its codes were made with), or
-        `checkpoint`; kwargs go to Tokenizer.load (device, batch_size)."""
-        from vqret.tokenizer.api import Tokenizer
-        from vqret.tokenizer.store_codes import store_tokenizer_path
-
-        return Tokenizer.load(store_tokenizer_path(self.store, checkpoint), **kwargs)
-
-    def encode_codes(self, tokenizer: Any = None, **kwargs: Any):
-        """Write every image's code grid into the store, incrementally (EncodeReport).
-        `tokenizer`: a Tokenizer, a checkpoint path, or None for the store's own."""
-        from vqret.tokenizer.store_codes import encode_store
-
-        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = self.tokenizer(tokenizer)
-        return encode_store(self.store, tokenizer, **kwargs)
-
-    def decode_codes(
-        self, id: int | None = None, path: str | os.PathLike | None = None, tokenizer: Any = None
-    ) -> np.ndarray:
-        """The picture rebuilt from an image's stored codes, uint8 (S, S, 3)."""
-        from vqret.tokenizer.store_codes import decode_row
-
-        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = self.tokenizer(tokenizer)
-        return decode_row(self.store, tokenizer, id=id, path=path)
-
-    def duplicates(self, **kwargs: Any):
-        """Groups of near-duplicate images from stored codes and embeddings (DupeReport);
-        kwargs: threshold, codes_threshold, ... (vqret.tokenizer.dupes.find_duplicates)."""
-        from vqret.tokenizer.dupes import find_duplicates
-
-        return find_duplicates(self.store, **kwargs)
-
     # ---- searching ------------------------------------------------------------------------
     def _search_index(self, table: str = IMAGES):
         from .index import load_index, to_search_device
@@ -248,54 +244,101 @@ class Collection:
         text: str | None = None,
         image: str | os.PathLike | Image.Image | None = None,
     ) -> np.ndarray:
-        """The (D,) query vector for a text or an image."""
+        """The (D,) unit vector for one text or one image (a one-term query)."""
         if (text is None) == (image is None):
-            raise ValueError("give exactly one of text= or image=")
-        if text is not None:
-            if not text.strip():
-                raise ValueError("empty query: give some text to search for")
-            with self._cache_lock:
+            raise QueryError("give exactly one of text= or image=")
+        term = Term.text(text) if text is not None else Term.image(image)
+        return query_vector(self, Query((term,)))
+
+    def query_embedder(self) -> _OwnEmbedder:
+        """How this collection embeds query terms: texts through its cache and the ONNX fast
+        path when it has one, images through the model."""
+        return _OwnEmbedder(self)
+
+    def embed_query_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, D) embeddings of query texts, the ones not cached in one model call."""
+        out: list[np.ndarray | None] = [None] * len(texts)
+        with self._cache_lock:
+            for i, text in enumerate(texts):
                 cached = self._text_cache.get(text)
                 if cached is not None:
                     self._text_cache.move_to_end(text)
-                    return cached
-            vector = self._embed_text(text)
+                    out[i] = cached
+        missing = sorted({t for t, v in zip(texts, out, strict=True) if v is None})
+        if missing:
+            fresh = dict(zip(missing, self._embed_texts(missing), strict=True))
             with self._cache_lock:
-                self._text_cache[text] = vector
-                if len(self._text_cache) > TEXT_CACHE_SIZE:
-                    self._text_cache.popitem(last=False)
-            return vector
-        from PIL import Image
-
-        from .images import load_image
-
-        if not isinstance(image, Image.Image):
-            image = load_image(image, draft_size=(self.embedder.image_size,) * 2)
-        return self.embedder.embed_images([image])[0]
+                for text, vector in fresh.items():
+                    self._text_cache[text] = vector
+                    if len(self._text_cache) > TEXT_CACHE_SIZE:
+                        self._text_cache.popitem(last=False)
+            out = [fresh[t] if v is None else v for t, v in zip(texts, out, strict=True)]
+        return np.stack(out)
 
     def search(
         self,
-        text: str | None = None,
+        query: str | Sequence[str] | Query | None = None,
         image: str | os.PathLike | Image.Image | None = None,
         *,
+        text: str | None = None,
         embedding: np.ndarray | None = None,
+        like: int | None = None,
+        terms: Sequence[Term] = (),
         k: int = 10,
         texts: bool = False,
-    ) -> list[SearchResult]:
-        """Top-k images (or texts, with texts=True) by cosine similarity to a text, an image,
-        or an embedding."""
+        dedupe: bool = False,
+        generate: str = "never",
+        threshold: float | None = None,
+        seed: int = 0,
+    ) -> SearchResults:
+        """Top-k images (or texts, with texts=True) by cosine similarity to a query.
+
+        `query` is the query syntax (`"cat - grass + 2:./dog.jpg"`, vqret.retrieval.query) or a
+        Query; `text` is one literal text, `image` a file or PIL image, `like` a stored image
+        id ("more like this", never a result itself), `embedding` a (D,) vector, `terms`
+        explicit Terms: every one given is a term of weight 1, summed. `dedupe` drops results
+        within cosine 0.94 of a better one. `generate` ("never", "auto", "always"): draw a
+        picture when nothing matches well (auto: best score below `threshold`, default
+        calibrated), on collections that have the diffusion fallback (vqret.Collection).
+        Returns SearchResults, a list of SearchResult with `.generated` and `.query`.
+        Bad input raises QueryError."""
+        if isinstance(query, Query):
+            return self.run(query)
+        given: list[Term] = list(terms)
+        if text is not None:
+            given.append(Term.text(text))
+        if image is not None:
+            given.append(Term.image(image))
+        if like is not None:
+            given.append(Term.like(like))
+        if embedding is not None:
+            given.append(Term.embedding(embedding))
+        return self.run(build_query(
+            query, terms=given, k=k, table=TEXTS if texts else IMAGES, dedupe=dedupe,
+            generate=generate, threshold=threshold, seed=seed,
+        ))
+
+    def run(self, query: Query) -> SearchResults:
+        """Run a Query through the engine with this collection's own embedder and fallback."""
+        return run_query(self, query, fetch_url=fetch_url, fallback=self.fallback())
+
+    def fallback(self) -> Fallback | None:
+        """Generate-on-miss for this collection: none here (retrieval doesn't draw);
+        vqret.Collection supplies the diffusion one."""
+        return None
+
+    def nearest(self, vector: np.ndarray, k: int, table: str = IMAGES) -> list[SearchResult]:
+        """The k rows of `table` nearest to a (D,) query vector, best first."""
         if k < 1:
-            raise ValueError("k must be >= 1")
-        table = TEXTS if texts else IMAGES
+            raise QueryError(f"k must be an integer, 1 or more, not {k}")
         index = self._search_index(table)
         if index.ntotal == 0:
-            what = "texts (add captions with `vqret index-texts`)" if texts else "images"
+            what = "texts (add captions with `vqret index-texts`)" if table == TEXTS else "images"
             raise StoreError(f"{self.store.path} has no {what}: index some first")
-        if embedding is None:
-            embedding = self.query_embedding(text=text, image=image)
-        query = np.asarray(embedding, np.float32).reshape(1, -1)
+        query = np.asarray(vector, np.float32).reshape(1, -1)
         if query.shape[1] != self.store.dim:
-            raise ValueError(f"query has dimension {query.shape[1]}, store has {self.store.dim}")
+            raise QueryError(f"embedding has {query.shape[1]} numbers; this store has "
+                             f"{self.store.dim}")
         from .index import search_index
 
         scores, ids = search_index(index, query, k)
@@ -313,17 +356,46 @@ class Collection:
             results.append(SearchResult(rank, i, path, score, rows[i]["text"], image_id))
         return results
 
+    def stored_vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), D) stored embeddings of indexed images (more like this, dedupe)."""
+        try:
+            # The index holds every vector already, exactly, when it is flat or HNSW-flat:
+            # then no copy is needed. IVF/PQ (lossy or without a direct map) and GPU indexes
+            # fall through to the rows, read once per store generation.
+            index = self._search_index()
+            if _stores_exact_vectors(index):
+                present = self._lookup(IMAGES)
+                if all(int(i) in present for i in ids):
+                    return np.stack([index.reconstruct(int(i)) for i in ids]).astype(np.float32)
+        except StoreError:
+            raise
+        except Exception:  # noqa: BLE001 - an index that can't give vectors back: read the rows
+            pass
+        generation = self.store.generation
+        if self._vectors is None or self._vectors[0] != generation:
+            all_ids, vectors = self.store.vectors()
+            order = np.argsort(all_ids)
+            self._vectors = (generation, all_ids[order], vectors[order])
+        _, all_ids, vectors = self._vectors
+        wanted = np.asarray(ids, np.int64)
+        pos = np.minimum(np.searchsorted(all_ids, wanted), max(len(all_ids) - 1, 0))
+        missing = [int(i) for i, p in zip(wanted, pos, strict=True)
+                   if len(all_ids) == 0 or all_ids[p] != i]
+        if missing:
+            raise QueryError(f"no image with id {missing[0]} in this store", status=404)
+        return vectors[pos]
+
     # ---- text queries without torch -------------------------------------------------------
-    def _embed_text(self, text: str) -> np.ndarray:
+    def _embed_texts(self, texts: list[str]) -> np.ndarray:
         encoder = self._fast_text_encoder()
         if encoder is not None:
             from .onnx_text import TextEncoderUnavailable
 
             try:
-                return encoder.embed_texts([text])[0]
+                return encoder.embed_texts(texts)
             except TextEncoderUnavailable as e:  # its self-check failed: never use it
                 self._no_fast_text(e.reason, e.rebuild)
-        return self.embedder.embed_texts([text])[0]
+        return self.embedder.embed_texts(texts)
 
     def _fast_text_encoder(self):
         """The ONNX text encoder when this collection may and can use it, else None."""
@@ -410,7 +482,6 @@ class Collection:
             "index": self._index_facts(),
             "text_encoder": self._text_encoder_fact(),
             "codes": self._codes_facts(),
-            "diffusion": self._diffusion_fact(),
             "failures": m.get("failures", []),
         }
 
@@ -439,13 +510,6 @@ class Collection:
             "encoded": encoded,  # rows holding codes from this tokenizer
         }
 
-    def _diffusion_fact(self) -> str:
-        from vqret.diffusion.paths import diffusion_path, has_model
-
-        if not has_model(self.store):
-            return "none (vqret diffusion train)"
-        return f"{diffusion_path(self.store)} (search --generate auto falls back to it)"
-
     def _index_facts(self) -> dict[str, Any]:
         from .index import read_meta
 
@@ -459,6 +523,48 @@ class Collection:
         )}
         facts["up_to_date"] = meta.get("generation") == self.store.table_generation()
         return facts
+
+
+class _OwnEmbedder:
+    """A collection's QueryEmbedder: its text cache / ONNX path, and its model for images."""
+
+    def __init__(self, collection: Collection):
+        self.collection = collection
+
+    @property
+    def image_size(self) -> int:
+        return self.collection.embedder.image_size
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.collection.embed_query_texts(list(texts))
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.collection.embedder.embed_images(list(images))
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def embedder_options(device: str, precision: str, batch_size: int,
+                     num_workers: int | None) -> dict[str, Any]:
+    """The model options a collection passes on, checked now: a typo fails at the call."""
+    if not isinstance(device, str) or not device:
+        raise ValueError(f"device must be a name like auto, cpu, cuda or cuda:1, not {device!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer, 1 or more, not {batch_size!r}")
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+        raise ValueError(f"num_workers must be an integer, 0 or more, not {num_workers!r}")
+    return {"device": device, "precision": precision, "batch_size": batch_size,
+            "num_workers": num_workers}
+
+
+def _stores_exact_vectors(index: Any) -> bool:
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    return isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat)
 
 
 def _remove_store(path: Path) -> None:

@@ -7,8 +7,12 @@ Routes:
     GET  /                          the search page (retrieval/web/)
     GET  /healthz                   {"status": "ok", "stores": {...}, ...}
     GET  /api/stores                [{"name", "images", "model", ...}]
-    GET|POST /api/search            text, image upload (multipart or base64), like=ID or
-                                    embedding; k; store -> {"results": [...], "generated": null}
+    GET|POST /api/search            q (the query syntax, "cat - grass"), terms (weighted
+                                    text / image / like / embedding), or one of text, image
+                                    upload (multipart or base64), image_url, like=ID,
+                                    embedding; k, table, dedupe, generate, threshold, seed;
+                                    store -> {"query", "results": [...], "generated"}
+    GET  /generated/{store}/{name}  a picture the fallback drew (STORE/diffusion/generated)
     GET  /thumb/{store}/{id}        JPEG thumbnail of an indexed image, by id
     GET  /image/{store}/{id}        the original file, by id
     POST /knn-service, POST /metadata, GET /indices-list: clip-retrieval's API (clip_compat.py)
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import re
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -37,16 +42,18 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from vqret.diffusion.fallback import generated_folder
+from vqret.retrieval.one_line import first_line
+from vqret.retrieval.query import IMAGES, TEXTS, QueryError
 
 from . import clip_compat
-from vqret.retrieval.one_line import first_line
 from .inputs import RequestError, parse_int
 from .served_store import ServedStore, StoresArg, open_collections
 from .service import SearchService
 
 MAX_BODY_BYTES = 20 << 20  # a phone photo as base64 fits; a video or a disk image doesn't
 DEFAULT_K = 20
-DEDUP_FETCH_FACTOR = 5
+GENERATED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.png")
 MAX_ID = 2**63 - 1  # row ids are int64
 # The page loads nothing from elsewhere: the machine may be offline, and it keeps it private.
 PAGE_CSP = (
@@ -97,6 +104,7 @@ def create_app(
         Route("/api/search", api.search, methods=["GET", "POST"]),
         Route("/thumb/{store}/{image_id}", api.thumbnail, methods=["GET"]),
         Route("/image/{store}/{image_id}", api.original, methods=["GET"]),
+        Route("/generated/{store}/{name}", api.generated, methods=["GET"]),
         Route("/knn-service", api.knn_service, methods=["POST"]),
         Route("/metadata", api.metadata, methods=["POST"]),
         Route("/indices-list", api.indices_list, methods=["GET"]),
@@ -121,7 +129,7 @@ def create_app(
         routes=routes,
         middleware=middleware,
         exception_handlers={
-            RequestError: _request_error,
+            QueryError: _request_error,
             HTTPException: _http_error,
             Exception: _internal_error,
         },
@@ -191,48 +199,49 @@ class _Api:
         else:
             fields = _object(await _json_body(request))
         served = self.service.get(fields.get("store"))
-        k = parse_int(_given(fields, "k", DEFAULT_K), "k", maximum=self.service.max_k)
-        deduplicate = _flag(fields.get("deduplicate"))
+        settings = self._settings(fields)
 
         def work():
-            query = self.service.query(
-                served,
-                text=fields.get("text"),
-                image=fields.get("_upload"),
-                image_base64=fields.get("image"),
-                image_url=fields.get("image_url"),
-                like=fields.get("like"),
-                embedding=fields.get("embedding"),
-            )
-            # Duplicates are dropped after the knn: look further so that k results remain.
-            fetch = min(self.service.max_k, k * DEDUP_FETCH_FACTOR) if deduplicate else k
-            hits = self.service.search(served, query, k, fetch=fetch, deduplicate=deduplicate)
-            return query, hits
+            query = self.service.build_query(served, fields, upload=fields.get("_upload"),
+                                             **settings)
+            return self.service.run(served, query)
 
-        query, hits = await run_in_threadpool(work)
-        prefix = f"{request.scope.get('root_path', '')}/{{}}/{quote(served.name, safe='')}/"
+        results = await run_in_threadpool(work)
+        root = request.scope.get("root_path", "")
+        prefix = f"{root}/{{}}/{quote(served.name, safe='')}/"
         return JSONResponse(
             {
                 "store": served.name,
-                "query": query.description,
-                "k": k,
+                "query": results.query.describe(),
+                "k": results.query.k,
                 "took_ms": round((time.perf_counter() - started) * 1000, 2),
-                "results": [
-                    {
-                        "rank": h.rank,
-                        "id": h.id,
-                        "path": h.path,
-                        "score": h.score,
-                        "thumbnail_url": prefix.format("thumb") + str(h.id),
-                        "original_url": prefix.format("image") + str(h.id),
-                    }
-                    for h in hits
-                ],
-                # The diffusion fallback will put its image here ({"url", "score", ...}) when
-                # no result is close enough; until it exists, nothing is generated.
-                "generated": None,
+                "results": [_result_row(r, prefix) for r in results],
+                "generated": _generated(results.generated, served.name, root),
+                "generation_note": results.note,
             }
         )
+
+    def _settings(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """k, table, dedupe and the generate policy of a search request."""
+        k = parse_int(_given(fields, "k", DEFAULT_K), "k", minimum=-(2**63))
+        if k > self.service.max_k:
+            raise RequestError(400, f"k must be in 1..{self.service.max_k}, not {k}")
+        table = _given(fields, "table", TEXTS if _flag(fields.get("texts")) else IMAGES)
+        threshold = _given(fields, "threshold", None)
+        if isinstance(threshold, str):
+            try:
+                threshold = float(threshold)
+            except ValueError:
+                raise RequestError(400, f"threshold must be a number, not {threshold!r}") from None
+        seed = parse_int(_given(fields, "seed", 0), "seed", minimum=0)
+        return {
+            "k": k,
+            "table": table,
+            "dedupe": _flag(fields.get("deduplicate")) or _flag(fields.get("dedupe")),
+            "generate": _given(fields, "generate", "auto"),
+            "threshold": threshold,
+            "seed": seed,
+        }
 
     async def _form_fields(self, request: Request) -> dict[str, Any]:
         fields: dict[str, Any] = {}
@@ -300,6 +309,38 @@ class _Api:
         return JSONResponse(clip_compat.indices_list(self.service))
 
 
+    # ---- generated pictures, by file name in the store's generated folder only -------------
+    async def generated(self, request: Request) -> Response:
+        served = self.service.get(request.path_params["store"])
+        name = request.path_params["name"]
+        folder = generated_folder(served.store)
+        if not GENERATED_NAME.fullmatch(name) or not (folder / name).is_file():
+            raise RequestError(404, f"no generated image {name!r} in store {served.name!r}")
+        return FileResponse(folder / name, media_type="image/png",
+                            headers={"Cache-Control": "no-cache"})
+
+
+def _result_row(r: Any, prefix: str) -> dict[str, Any]:
+    image_id = r.id if r.text is None else r.image_id
+    row = {"rank": r.rank, "id": r.id, "path": r.path, "score": r.score}
+    if r.text is not None:
+        row.update(text=r.text, image_id=r.image_id)
+    if image_id is not None and r.path is not None:
+        row.update(thumbnail_url=prefix.format("thumb") + str(image_id),
+                   original_url=prefix.format("image") + str(image_id))
+    return row
+
+
+def _generated(record: dict[str, Any] | None, store: str, root: str) -> dict[str, Any] | None:
+    """The fallback's record, with the URL that serves its PNG instead of a local path."""
+    if record is None:
+        return None
+    name = record["path"].replace("\\", "/").rsplit("/", 1)[-1]
+    out = {k: v for k, v in record.items() if k != "path"}
+    out["url"] = f"{root}/generated/{quote(store, safe='')}/{quote(name)}"
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Remote originals
 # --------------------------------------------------------------------------------------------
@@ -335,8 +376,8 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
 
 
 async def _request_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestError)
-    return _error(exc.status, exc.message)
+    assert isinstance(exc, QueryError)
+    return _error(exc.status, exc.message, exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

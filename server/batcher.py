@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 from vqret.retrieval.embedder import Embedder
 
 
 @dataclass
 class _Job:
     kind: str  # "text" or "pixels"
-    payload: object  # str, or a (3, H, W) preprocessed tensor
-    future: Future = field(default_factory=Future)
+    payloads: list  # strs, or (3, H, W) preprocessed tensors: one query's terms, together
+    future: Future = field(default_factory=Future)  # -> (len(payloads), D)
 
 
 class EmbedBatcher:
@@ -47,19 +46,28 @@ class EmbedBatcher:
         self._thread.start()
 
     # ---- callers --------------------------------------------------------------------------
-    def submit(self, kind: str, payload: object) -> Future:
+    def submit(self, kind: str, payloads: list) -> Future:
+        """Queue one query's texts or pixels: they are embedded in the same forward pass."""
         if self._closed:
             raise RuntimeError("the embedder is closed")
-        job = _Job(kind, payload)
+        job = _Job(kind, list(payloads))
         self._jobs.put(job)
         return job.future
 
     def embed_text(self, text: str) -> np.ndarray:
         """(D,) normalised embedding of one text."""
-        return self.submit("text", text).result()
+        return self.submit("text", [text]).result()[0]
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """(N, D) normalised embeddings of a query's texts, in one forward pass."""
+        return self.submit("text", texts).result()
 
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """(D,) normalised embedding of one preprocessed (3, H, W) image."""
+        return self.submit("pixels", [pixels]).result()[0]
+
+    def embed_pixels_many(self, pixels: list[torch.Tensor]) -> np.ndarray:
+        """(N, D) normalised embeddings of a query's preprocessed images, in one pass."""
         return self.submit("pixels", pixels).result()
 
     def close(self) -> None:
@@ -75,7 +83,7 @@ class EmbedBatcher:
             if job is None:
                 return
             jobs = [job]
-            while len(jobs) < self.max_batch:
+            while sum(len(j.payloads) for j in jobs) < self.max_batch:
                 try:
                     more = self._jobs.get_nowait()
                 except queue.Empty:
@@ -90,16 +98,19 @@ class EmbedBatcher:
                     self._embed(kind, group)
 
     def _embed(self, kind: str, jobs: list[_Job]) -> None:
+        payloads = [p for j in jobs for p in j.payloads]
         try:
             if kind == "text":
-                vectors = self.embedder.embed_texts([j.payload for j in jobs])
+                vectors = self.embedder.embed_texts(payloads)
             else:
-                vectors = self.embedder.encode_pixels(torch.stack([j.payload for j in jobs]))
+                vectors = self.embedder.encode_pixels(torch.stack(payloads))
         except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about it
             for j in jobs:
                 j.future.set_exception(e)
             return
         self.batches += 1
         self.items += len(jobs)
-        for j, vector in zip(jobs, vectors, strict=True):
-            j.future.set_result(vector)
+        start = 0
+        for j in jobs:
+            j.future.set_result(vectors[start : start + len(j.payloads)])
+            start += len(j.payloads)

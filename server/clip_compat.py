@@ -22,13 +22,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from vqret.retrieval.query import IMAGES, TEXTS
+
 from .inputs import RequestError, parse_int
 from .served_store import text_rows
-from .service import Hit, SearchService
+from .service import SearchService
 
 DEFAULT_NUM_IMAGES = 20  # clip-front's page size
 MAX_METADATA_IDS = 10_000
 
+# clip-retrieval's inputs, as its clients name them (exactly one per request)
+CLIP_INPUTS = {"text": "text", "image": "image", "image_url": "image_url",
+               "embedding": "embedding_input"}
 UrlFor = Callable[[str, int], str]  # (store name, image id) -> absolute URL of the original
 
 
@@ -51,25 +56,16 @@ def knn_service(service: SearchService, body: Any, url_for: UrlFor) -> list[dict
             f"indice {served.name!r} has no text rows: modality 'text' searches indexed "
             "captions, and this store has none; use modality 'image' to search its images",
         )
-    query = service.query(
-        served,
-        text=body.get("text"),
-        image_base64=body.get("image"),
-        image_url=body.get("image_url"),
-        embedding=body.get("embedding_input"),
-        labels={"embedding": "embedding_input", "like": "like (vqret only)"},
-    )
-    if modality == "text":
-        return _text_results(served, query.vector, num_result_ids, num_images, url_for)
+    table = TEXTS if modality == "text" else IMAGES
     # clip-retrieval's order: knn over num_result_ids, filter, then keep num_images.
-    hits = service.search(
-        served,
-        query,
-        k=min(num_images, num_result_ids),
-        fetch=num_result_ids,
-        deduplicate=bool(body.get("deduplicate")),
+    query = service.build_query(
+        served, body, inputs=CLIP_INPUTS, k=min(num_images, num_result_ids), table=table,
+        fetch=num_result_ids, dedupe=bool(body.get("deduplicate")) and table == IMAGES,
     )
-    return [_row(served.name, hit, url_for) for hit in hits]
+    results = service.run(served, query)
+    if modality == "text":
+        return [_text_row(served.name, r, url_for) for r in results]
+    return [_row(served.name, r, url_for) for r in results]
 
 
 def metadata(service: SearchService, body: Any, url_for: UrlFor) -> list[dict[str, Any]]:
@@ -99,7 +95,7 @@ def indices_list(service: SearchService) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _row(name: str, hit: Hit, url_for: UrlFor) -> dict[str, Any]:
+def _row(name: str, hit: Any, url_for: UrlFor) -> dict[str, Any]:
     # Metadata columns first, then id and similarity: the key order clip-retrieval answers in.
     return {
         "image_path": hit.path,
@@ -109,15 +105,12 @@ def _row(name: str, hit: Hit, url_for: UrlFor) -> dict[str, Any]:
     }
 
 
-def _text_results(served, vector, num_result_ids: int, num_images: int, url_for: UrlFor):
-    out = []
-    for text_id, score, meta in served.search_texts(vector, num_result_ids)[:num_images]:
-        row = {"caption": meta["caption"]}
-        if meta["image_id"] is not None and meta["path"] is not None:
-            row["image_path"] = meta["path"]
-            row["url"] = url_for(served.name, meta["image_id"])
-        out.append({**row, "id": text_id, "similarity": score})
-    return out
+def _text_row(name: str, result: Any, url_for: UrlFor) -> dict[str, Any]:
+    row = {"caption": result.text}
+    if result.image_id is not None and result.path is not None:
+        row["image_path"] = result.path
+        row["url"] = url_for(name, result.image_id)
+    return {**row, "id": result.id, "similarity": result.score}
 
 
 def _object(body: Any) -> dict[str, Any]:

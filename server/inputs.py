@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
+from vqret.retrieval.query import QueryError
 
 
-class RequestError(Exception):
-    """A bad request: becomes an HTTP status and a one-line JSON error."""
+class RequestError(QueryError):
+    """A bad request: becomes an HTTP status and a one-line JSON error. A QueryError (the
+    engine's one error type), built status first as the server's code reads best."""
 
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message, status, headers)
 
 
 def normalise(vector: np.ndarray, what: str) -> np.ndarray:
@@ -54,38 +52,3 @@ def parse_int(value: Any, what: str, *, minimum: int = 1, maximum: int | None = 
         top = f"..{maximum}" if maximum is not None else " or more"
         raise RequestError(400, f"{what} must be in {minimum}{top}, not {value}")
     return value
-
-
-def fetch_url(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
-    """GET an http(s) URL: at most `max_bytes`, about `timeout_s` in all, 3 redirects."""
-    import httpx
-
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise RequestError(400, "image_url must be an http:// or https:// URL")
-    deadline = time.monotonic() + timeout_s
-    # trust_env=False: a server-side fetch must not pick up whatever proxy the shell had.
-    client = httpx.Client(
-        follow_redirects=True, max_redirects=3, timeout=timeout_s, trust_env=False
-    )
-    try:
-        with client, client.stream("GET", url, headers={"Accept": "image/*"}) as response:
-            if response.status_code != 200:
-                raise RequestError(400, f"image_url answered HTTP {response.status_code}")
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise RequestError(413, f"image_url is larger than {max_bytes} bytes")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise RequestError(413, f"image_url is larger than {max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise RequestError(400, f"image_url took longer than {timeout_s:g} s")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.TimeoutException:
-        raise RequestError(400, f"image_url took longer than {timeout_s:g} s") from None
-    except httpx.HTTPError as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RequestError(400, f"couldn't fetch image_url: {detail}") from None

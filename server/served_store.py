@@ -19,14 +19,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from .batcher import EmbedBatcher
-from vqret.retrieval.collection import Collection
+from vqret.api import Collection
+from vqret.retrieval.collection import Collection as AnyCollection
 from vqret.retrieval.embedder import Embedder
-from .inputs import RequestError
 from vqret.retrieval.store import STORE_DIRNAME, Store, StoreError, find_store
 
+from .batcher import EmbedBatcher
+from .inputs import RequestError
+
 CATALOG_RECHECK_S = 1.0  # how often a thumbnail/metadata request re-reads the manifest
+GENERATION_MAX_WAITING = 2  # drawings queued behind the running one before 503s
+GENERATION_RETRY_AFTER_S = 10
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def store_name(collection: Collection) -> str:
     return collection.store.root.name or collection.store.path.name
 
 
-StoreRef = Collection | str | os.PathLike
+StoreRef = AnyCollection | str | os.PathLike
 StoresArg = Mapping[str, StoreRef] | Sequence[StoreRef | tuple[str | None, StoreRef]] | None
 
 
@@ -74,7 +77,7 @@ def open_collections(stores: StoresArg, device: str = "auto") -> dict[str, Colle
     shared: dict[tuple, Embedder] = {}
     out: dict[str, Collection] = {}
     for name, item in items:
-        if isinstance(item, Collection):
+        if isinstance(item, AnyCollection):  # any collection serves; paths open ours
             collection = item
         else:
             store = _open_store(Path(item))
@@ -99,6 +102,58 @@ def _open_store(path: Path) -> Store:
     return Store(path)
 
 
+class BatcherEmbedder:
+    """The engine's QueryEmbedder over a batcher: a query's texts (and its images) go in one
+    job, so they share one forward pass, with whatever other queries arrive meanwhile."""
+
+    def __init__(self, batcher: EmbedBatcher):
+        self.batcher = batcher
+        self.image_size = batcher.embedder.image_size
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.batcher.embed_texts(list(texts))
+
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
+        # Preprocessing runs here, in the request's thread; only the model runs in the batcher.
+        preprocess = self.batcher.embedder.preprocess
+        return self.batcher.embed_pixels_many([preprocess(image) for image in images])
+
+
+class GenerationQueue:
+    """One store's picture drawing: one at a time in its own thread, so a drawing never holds
+    the search lock or the batcher, with at most `max_waiting` more queued; beyond that the
+    request is answered 503 with Retry-After at once."""
+
+    def __init__(self, name: str, max_waiting: int = GENERATION_MAX_WAITING,
+                 retry_after_s: int = GENERATION_RETRY_AFTER_S):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.name = name
+        self.max_waiting = max_waiting
+        self.retry_after_s = retry_after_s
+        self._slots = threading.BoundedSemaphore(max_waiting + 1)  # the running one + waiting
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"vqret-generate-{name}")
+
+    def run(self, draw):
+        if not self._slots.acquire(blocking=False):
+            raise RequestError(
+                503,
+                f"the image generator of store {self.name!r} is busy ({self.max_waiting + 1} "
+                "drawings running or queued): retry later, or search with generate never",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        try:
+            future = self._executor.submit(draw)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        return future.result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 class ServedStore:
     """A collection plus what serving it needs: its batcher, a search lock, a row catalog."""
 
@@ -111,7 +166,8 @@ class ServedStore:
         self._catalog_lock = threading.Lock()
         self._catalog: _Catalog | None = None
         self._checked_at = 0.0
-        self._vectors: tuple[int, np.ndarray, np.ndarray] | None = None  # fallback cache
+        self.query_embedder = BatcherEmbedder(batcher)
+        self.generation = GenerationQueue(name)
 
     @property
     def store(self) -> Store:
@@ -167,50 +223,13 @@ class ServedStore:
     def stored_vectors(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), D) stored embeddings of indexed images (for dedup, more like this)."""
         with self.search_lock:
-            return self._stored_vectors(ids)
+            return self.collection.stored_vectors(ids)
 
-    def _stored_vectors(self, ids: Sequence[int]) -> np.ndarray:
-        try:
-            # The collection's index holds every vector already, exactly when it is flat or
-            # HNSW-flat: then no copy is needed. IVF/PQ (lossy or without a direct map) and GPU
-            # indexes fall through to the rows, read once per store generation.
-            index = self.collection._search_index()
-            if _stores_exact_vectors(index):
-                return np.stack([index.reconstruct(int(i)) for i in ids]).astype(np.float32)
-        except Exception:  # noqa: BLE001 - an index that can't give vectors back: read the rows
-            pass
-        generation = self.store.generation
-        if self._vectors is None or self._vectors[0] != generation:
-            all_ids, vectors = self.store.vectors()
-            order = np.argsort(all_ids)
-            self._vectors = (generation, all_ids[order], vectors[order])
-        _, all_ids, vectors = self._vectors
-        pos = np.minimum(np.searchsorted(all_ids, ids), max(len(all_ids) - 1, 0))
-        if len(all_ids) == 0 or not np.array_equal(all_ids[pos], np.asarray(ids)):
-            raise RequestError(404, f"no image with one of the ids {list(ids)} in {self.name!r}")
-        return vectors[pos]
+    def generate_on_miss(self, collection, query, vector, hits):
+        """The engine's fallback, drawing in this store's own worker, one at a time."""
+        from vqret.diffusion.fallback import generate_on_miss
 
-
-    def search_texts(self, vector: np.ndarray, k: int) -> list[tuple[int, float, dict]]:
-        """Top-k text rows (captions): (text id, score, {"caption", "image_id", "path"})."""
-        with self.search_lock:
-            try:
-                results = self.collection.search(embedding=vector, k=k, texts=True)
-            except TypeError:  # a Collection from before text rows existed
-                raise RequestError(400, "this vqret can't search text rows") from None
-            except StoreError as e:
-                raise RequestError(400, str(e)) from None
-        return [
-            (r.id, r.score, {"caption": r.text, "image_id": r.image_id, "path": r.path})
-            for r in results
-        ]
-
-
-def _stores_exact_vectors(index: Any) -> bool:
-    import faiss
-
-    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
-    return isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat)
+        return generate_on_miss(collection, query, vector, hits, run=self.generation.run)
 
 
 class _Catalog:

@@ -1,10 +1,10 @@
-"""What `vqret serve` does, without HTTP: queries to vectors, vectors to hits.
+"""What `vqret serve` does, without HTTP: requests to engine queries, and files by id.
 
-The HTTP layer (server.py) only parses requests and shapes responses; everything that touches
-a model, an index or a file is here or in served_store.py, so it can be used and tested
-without a server. Requests run in a thread pool: model calls go through one EmbedBatcher per
-model (one thread; queries that arrive together share a forward pass), searches hold their
-store's lock.
+The HTTP layer (app.py) only parses requests and shapes responses; requests become Queries
+here and run through the one query engine (vqret.retrieval.engine) like every other surface's;
+what serving adds (the batcher, the store lock, the generation queue) is in served_store.py.
+Requests run in a thread pool: model calls go through one EmbedBatcher per model (one thread;
+queries that arrive together share a forward pass), searches hold their store's lock.
 """
 
 from __future__ import annotations
@@ -14,19 +14,32 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from vqret.retrieval.collection import Collection
+from vqret.retrieval.engine import MAX_QUERY_PIXELS, SearchResults, run_query
+from vqret.retrieval.fetch import fetch_url
+from vqret.retrieval.images import ImageLoadError
+from vqret.retrieval.query import (
+    EMBEDDING,
+    IMAGE,
+    IMAGE_URL,
+    LIKE,
+    TEXT,
+    TEXTS,
+    Query,
+    Term,
+    parse_terms,
+)
+from vqret.retrieval.store import StoreError
 
 from .batcher import EmbedBatcher
-from vqret.retrieval.collection import Collection
-from vqret.retrieval.images import ImageLoadError, load_image
-from .inputs import RequestError, decode_base64, fetch_url, normalise, parse_int
+from .inputs import RequestError, decode_base64, parse_int
 from .served_store import ServedStore
-from vqret.retrieval.store import StoreError
 from .thumbnails import THUMB_SIZE, ThumbnailCache, make_thumbnail
 
-# clip-retrieval's deduplicate: a result this close (cosine) to a better one is a duplicate.
-DEDUP_THRESHOLD = 0.94
-MAX_TEXT_CHARS = 1000  # CLIP reads 77 tokens; anything far longer is a mistake or abuse
-MAX_QUERY_PIXELS = 50_000_000  # query images: well above any camera, far below a bomb
+URLS_DISABLED = (
+    "image_url queries are disabled: this server doesn't fetch URLs unless started with "
+    "--allow-url-queries; send the image itself (base64 `image`) instead"
+)
 RENDITION_SIZE = 2048  # px, longest side of the JPEG shown for TIFF, HEIC, ...
 
 
@@ -38,13 +51,8 @@ class Hit:
     score: float  # cosine similarity
 
 
-@dataclass(frozen=True)
-class Query:
-    """A query turned into a vector, and what to say about it in the response."""
-
-    vector: np.ndarray  # (D,) float32, L2-normalised
-    description: dict[str, Any]
-    exclude_id: int | None = None  # "more like this": the image itself is not a result
+# query input -> its request field; a request gives exactly one
+OWN_INPUTS = {k: k for k in ("q", "terms", "text", "image", "image_url", "like", "embedding")}
 
 
 class SearchService:
@@ -87,13 +95,15 @@ class SearchService:
         for served in self.stores.values():
             served.catalog()
             try:
-                served.collection.search(embedding=np.zeros(served.store.dim, np.float32), k=1)
+                served.collection.nearest(np.zeros(served.store.dim, np.float32), 1)
             except StoreError:
                 pass  # an empty store: nothing to warm
 
     def close(self) -> None:
         for batcher in self._batchers:
             batcher.close()
+        for served in self.stores.values():
+            served.generation.close()
 
     # ---- lookup ---------------------------------------------------------------------------
     def get(self, name: Any) -> ServedStore:
@@ -109,126 +119,114 @@ class SearchService:
     def names(self) -> list[str]:
         return list(self.stores)
 
-    # ---- queries -> vectors ---------------------------------------------------------------
-    def query(
+    # ---- requests -> queries -------------------------------------------------------------
+    def build_query(
         self,
         served: ServedStore,
+        fields: Mapping[str, Any],
         *,
-        text: Any = None,
-        image: bytes | None = None,
-        image_base64: Any = None,
-        like: Any = None,
-        embedding: Any = None,
-        image_url: Any = None,
-        labels: Mapping[str, str] | None = None,
+        upload: bytes | None = None,
+        inputs: Mapping[str, str] = OWN_INPUTS,
+        **settings: Any,
     ) -> Query:
-        """Exactly one query input -> its normalised vector. Bad input raises RequestError.
+        """One query input of a request -> its Query (with `settings`: k, table, ...).
 
-        `labels` renames inputs in error messages (clip-retrieval says `embedding_input`).
-        """
-        labels = labels or {}
-        given = {
-            "text": text,
-            "image": image if image is not None else image_base64,
-            "like": like,
-            "embedding": embedding,
-            "image_url": image_url,
-        }
+        The inputs: `q` (the query syntax, "cat - grass"), `terms` (explicit weighted terms),
+        or one of text, image (base64, or `upload`), image_url, like, embedding. Files on this
+        machine can never be named; URLs are fetched only with allow_url_queries. `inputs`
+        maps each input to its request field (clip-retrieval says `embedding_input`)."""
+        given = {kind: fields.get(name) for kind, name in inputs.items()}
+        if upload is not None:
+            given["image"] = upload
         # null and "" mean "not given": clip-retrieval's front sends every field, most null.
         present = [k for k, v in given.items() if v is not None and v != ""]
         if not present:
-            if text is not None:
+            if given.get("text") is not None or given.get("q") is not None:
                 raise RequestError(400, "empty query: give some text to search for")
-            names = ", ".join(labels.get(k, k) for k in given)
+            names = ", ".join(name for kind, name in inputs.items() if kind != "terms")
             raise RequestError(400, f"no query: give one of {names}")
         if len(present) > 1:
-            names = " and ".join(labels.get(k, k) for k in present)
+            names = " and ".join(inputs[k] for k in present)
             raise RequestError(400, f"give exactly one query input, not {names}")
-        kind = present[0]
-        if kind == "text":
-            return Query(self.embed_text(served, text), {"type": "text", "text": text})
-        if kind == "image":
-            data = image if image is not None else decode_base64(image_base64, "image")
-            return Query(self.embed_image(served, data), {"type": "image"})
-        if kind == "image_url":
-            data = self.fetch_image_url(image_url)
-            return Query(self.embed_image(served, data), {"type": "image_url", "url": image_url})
-        if kind == "like":
-            image_id = parse_int(like, "like", minimum=0)
-            served.row(image_id)  # 404 for an unknown id
-            vector = normalise(served.stored_vectors([image_id])[0], "like")
-            return Query(vector, {"type": "like", "id": image_id}, exclude_id=image_id)
-        vector = self.parse_embedding(served, embedding, labels.get("embedding", "embedding"))
-        return Query(vector, {"type": "embedding"})
+        kind, value = present[0], given[present[0]]
+        if kind == "q":
+            if not isinstance(value, str):
+                raise RequestError(400, "q must be a string in the query syntax")
+            terms = parse_terms(value, files=False, urls=self.allow_url_queries)
+        elif kind == "terms":
+            terms = [self._term(served, item, i) for i, item in enumerate(_list(value))]
+        else:
+            terms = [self._term(served, {kind: value}, None, inputs[kind])]
+        return Query(tuple(terms), **settings)
 
-    def embed_text(self, served: ServedStore, text: Any) -> np.ndarray:
-        if not isinstance(text, str):
-            raise RequestError(400, "text must be a string")
-        if not text.strip():
-            raise RequestError(400, "empty query: give some text to search for")
-        if len(text) > MAX_TEXT_CHARS:
-            raise RequestError(400, f"text is longer than {MAX_TEXT_CHARS} characters")
-        return served.batcher.embed_text(text)
-
-    def embed_image(self, served: ServedStore, data: bytes) -> np.ndarray:
-        if not data:
-            raise RequestError(400, "the image is empty (0 bytes)")
-        embedder = served.batcher.embedder
-        size = embedder.image_size
-        try:
-            image = load_image(data, max_pixels=self.max_query_pixels, draft_size=(size, size))
-        except ImageLoadError as e:
-            raise RequestError(400, f"not an image this server can read: {e.cause}") from None
-        # Preprocessing runs here, in the request's thread; only the model runs in the batcher.
-        return served.batcher.embed_pixels(embedder.preprocess(image))
-
-    def fetch_image_url(self, url: Any) -> bytes:
-        """The bytes at an http(s) URL, within the size and time caps; off unless allowed."""
-        if not self.allow_url_queries:
-            raise RequestError(
-                403,
-                "image_url queries are disabled: this server doesn't fetch URLs unless started "
-                "with --allow-url-queries; send the image itself (base64 `image`) instead",
-            )
-        if not isinstance(url, str):
-            raise RequestError(400, "image_url must be a string")
-        return fetch_url(url, max_bytes=self.url_max_bytes, timeout_s=self.url_timeout_s)
-
-    def parse_embedding(self, served: ServedStore, value: Any, what: str) -> np.ndarray:
-        dim = served.store.dim
+    def _term(self, served: ServedStore, item: Any, position: int | None,
+              label: str | None = None) -> Term:
+        """{"text" | "image" | "image_url" | "like" | "embedding": value, "weight": w}."""
+        where = "" if position is None else f"terms[{position}]."
+        if not isinstance(item, dict):
+            raise RequestError(400, f"terms[{position}] must be an object like "
+                               '{"text": "cat", "weight": 1}')
+        kinds = [k for k in (TEXT, IMAGE, IMAGE_URL, LIKE, EMBEDDING) if k in item]
+        unknown = sorted(set(item) - {TEXT, IMAGE, IMAGE_URL, LIKE, EMBEDDING, "weight"})
+        if unknown or len(kinds) != 1:
+            raise RequestError(400, f"terms[{position}] must have exactly one of text, image, "
+                               f"image_url, like, embedding (and a weight)")
+        kind = kinds[0]
+        value = item[kind]
+        weight = item.get("weight", 1.0)
+        name = label or f"{where}{kind}"
+        if kind == TEXT:
+            if not isinstance(value, str):
+                raise RequestError(400, f"{name} must be a string")
+            return Term(TEXT, value, weight)
+        if kind == IMAGE:
+            data = value if isinstance(value, bytes) else decode_base64(value, name)
+            label = "the uploaded image" if isinstance(value, bytes) else name
+            return Term(IMAGE, data, weight, label=label)
+        if kind == IMAGE_URL:
+            if not self.allow_url_queries:
+                raise RequestError(403, URLS_DISABLED)
+            if not isinstance(value, str):
+                raise RequestError(400, f"{name} must be a string")
+            return Term(IMAGE_URL, value, weight)
+        if kind == LIKE:
+            return Term(LIKE, parse_int(value, name, minimum=0), weight)
         if not isinstance(value, list) or not all(
             isinstance(x, int | float) and not isinstance(x, bool) for x in value
         ):
-            raise RequestError(400, f"{what} must be a list of numbers")
-        if len(value) != dim:
-            raise RequestError(400, f"{what} has {len(value)} numbers; this store has {dim}")
-        return normalise(np.asarray(value, np.float64), what)
+            raise RequestError(400, f"{name} must be a list of numbers")
+        if len(value) != served.store.dim:
+            raise RequestError(400, f"{name} has {len(value)} numbers; this store has "
+                               f"{served.store.dim}")
+        return Term(EMBEDDING, np.asarray(value, np.float64), weight)
 
-    # ---- vectors -> hits ------------------------------------------------------------------
-    def search(
-        self,
-        served: ServedStore,
-        query: Query,
-        k: int,
-        *,
-        fetch: int | None = None,
-        deduplicate: bool = False,
-    ) -> list[Hit]:
-        """Top `k` hits; `fetch` (>= k) are retrieved first, then filtered (dedup, self)."""
-        fetch = max(k, fetch or k) + (1 if query.exclude_id is not None else 0)
-        with served.search_lock:
-            try:
-                results = served.collection.search(embedding=query.vector, k=fetch)
-            except StoreError as e:
-                if len(served.store) == 0:
-                    return []  # an empty store answers nothing, not an error
-                raise RequestError(503, str(e)) from None
-            if query.exclude_id is not None:
-                results = [r for r in results if r.id != query.exclude_id]
-            if deduplicate and len(results) > 1:
-                vectors = served.stored_vectors([r.id for r in results])
-                results = [r for r, keep in zip(results, unique_mask(vectors), strict=True) if keep]
-        return [Hit(rank, r.id, r.path, r.score) for rank, r in enumerate(results[:k], start=1)]
+    def fetch_image_url(self, url: str) -> bytes:
+        """The bytes at an http(s) URL, within the size and time caps; off unless allowed."""
+        if not self.allow_url_queries:
+            raise RequestError(403, URLS_DISABLED)
+        return fetch_url(url, max_bytes=self.url_max_bytes, timeout_s=self.url_timeout_s)
+
+    # ---- queries -> results ---------------------------------------------------------------
+    def run(self, served: ServedStore, query: Query) -> SearchResults:
+        """Run a query through the engine, with this store's batcher, lock and generator."""
+        try:
+            return run_query(
+                served.collection, query, embedder=served.query_embedder,
+                fetch_url=self.fetch_image_url, fallback=served.generate_on_miss,
+                lock=served.search_lock, max_image_pixels=self.max_query_pixels,
+            )
+        except StoreError as e:
+            if len(served.store) == 0 or query.table == TEXTS:
+                # an empty store answers nothing; a store without captions says so
+                if query.table == TEXTS:
+                    raise RequestError(400, str(e)) from None
+                vector = np.zeros(served.store.dim, np.float32)
+                return SearchResults([], query, vector)
+            raise RequestError(503, str(e)) from None
+
+    def search(self, served: ServedStore, query: Query) -> list[Hit]:
+        """The hits of a query, as the server's rows."""
+        return [Hit(r.rank, r.id, r.path, r.score) for r in self.run(served, query)]
 
     def rendition(self, served: ServedStore, image_id: int) -> bytes:
         """A large JPEG of an indexed image, for formats browsers can't show (TIFF, HEIC)."""
@@ -249,13 +247,8 @@ class SearchService:
         return data, f'"t{image_id}-{row.hash or "x"}"'
 
 
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
-
-
-def unique_mask(vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> np.ndarray:
-    """Rank-ordered (N, D) normalised vectors -> keep[N]: False where a better one is >= t."""
-    sims = vectors @ vectors.T  # (N, N) cosine
-    better = np.tril(sims >= threshold, k=-1)  # [i, j] for j < i: j ranks above i
-    return ~better.any(axis=1)
+def _list(value: Any) -> list:
+    if not isinstance(value, list) or not value:
+        raise RequestError(400, 'terms must be a non-empty list like [{"text": "cat"}, '
+                           '{"text": "grass", "weight": -1}]')
+    return value

@@ -14,7 +14,6 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from PIL import Image
-
 from vqret.retrieval.images import load_image
 
 THUMB_SIZE = 256  # longest side, px: two per row on a phone, crisp at 2x in a 128 px cell

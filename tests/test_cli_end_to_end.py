@@ -345,7 +345,7 @@ def test_search_without_store_and_empty_query(tmp_path, shapes_folder, tiny_clip
     folder, _ = shapes_folder
     run_json(*index_args(folder, tiny_clip))
     proc = run_cli("search", "  ", cwd=folder, check=False)
-    assert proc.returncode == 1 and "empty query" in proc.stderr
+    assert proc.returncode == 2 and "empty query" in proc.stderr  # bad input: exit 2
 
 
 def test_other_model_is_refused_unless_rebuild(tmp_path, tiny_clip):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import run_cli, run_json
 from fixtures.shapes import caption, make_shape_folder
-from vqret.retrieval.collection import Collection
+from vqret import Collection
 from vqret.retrieval.onnx_export import export_text_encoder
 from vqret.retrieval.onnx_text import (
     BUNDLE_DIRNAME,

@@ -18,12 +18,12 @@ from conftest import TESTS, run_cli, run_json
 from fixtures.shapes import make_shape_folder
 from fixtures.train_tiny_dit import dominant_colour
 from PIL import Image
+from vqret import Collection
 from vqret.diffusion.checkpoint import CheckpointInfo, load_checkpoint, read_info, save_checkpoint
 from vqret.diffusion.config import DiffusionConfig, get_config
 from vqret.diffusion.fallback import decide
 from vqret.diffusion.flow import sample
 from vqret.diffusion.model import DiTBlock, create_model, sincos_2d_positions
-from vqret.retrieval.collection import Collection
 from vqret.tokenizer.api import Tokenizer
 
 FIXTURE = TESTS / "fixtures" / "tiny_dit"
@@ -327,22 +327,22 @@ def test_fallback_modes_and_threshold_override(store_path, tmp_path):
     assert "forced.png" in table and "gen" in table
     bad = run_cli("search", "a red circle", "--store", str(store_path), "--generate", "maybe",
                   check=False)
-    assert bad.returncode == 1 and "--generate must be" in bad.stderr
+    assert bad.returncode == 2 and "generate must be auto, never or always" in bad.stderr
     assert decide("auto", None, 0.5) and not decide("auto", 0.6, 0.5) and decide("always", 1, 0)
 
 
 def test_no_model_means_no_fallback_and_captions_calibrate(tmp_path, embedder):
-    from vqret.cli.diffusion import search_fallback
+    from vqret import QueryError
     from vqret.diffusion.fallback import PROBES, calibrate
 
     rows = make_shape_folder(tmp_path / "images", 48, seed=3)
     col = Collection.create(tmp_path / "images", embedder=embedder)
     col.index()
-    results = col.search(text=FAR_QUERY, k=3)
-    assert search_fallback(col, FAR_QUERY, results, "auto", None, None) is None
+    results = col.search(text=FAR_QUERY, k=3, generate="auto")
+    assert results.generated is None and results.note is None and len(results) == 3
     assert col.info()["diffusion"].startswith("none")
-    with pytest.raises(ValueError, match="needs a diffusion model"):
-        search_fallback(col, FAR_QUERY, results, "always", None, None)
+    with pytest.raises(QueryError, match="needs a diffusion model"):
+        col.search(text=FAR_QUERY, k=3, generate="always")
     from vqret.diffusion.generate import Generator
 
     with pytest.raises(ValueError, match="no diffusion model here"):

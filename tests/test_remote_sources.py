@@ -347,7 +347,7 @@ def test_listing_failing_after_its_first_page_leaves_the_store_untouched(s3, s3_
 def test_server_streams_originals_and_thumbnails_from_s3(s3, s3_store, embedder):
     from PIL import Image
     from starlette.testclient import TestClient
-    from vqret.retrieval.collection import Collection
+    from vqret import Collection
     from vqret.server.app import create_app
 
     store, _ = s3_store
@@ -383,7 +383,7 @@ def test_server_streams_originals_and_thumbnails_from_s3(s3, s3_store, embedder)
 
 def test_memory_urls_through_the_python_api(tmp_path, embedder):
     import fsspec
-    from vqret.retrieval.collection import Collection
+    from vqret import Collection
     from vqret.retrieval.store import StoreError
 
     fs = fsspec.filesystem("memory")

@@ -24,10 +24,10 @@ from conftest import run_json
 from fixtures.shapes import draw_shape, make_shape_folder
 from PIL import Image
 from typer.testing import CliRunner
+from vqret import Collection
 from vqret.cli import dupes as dupes_cli
 from vqret.cli.tokenizer import register as register_tokenizer
 from vqret.retrieval import dupes as dupes_lib
-from vqret.retrieval.collection import Collection
 from vqret.retrieval.dupes import candidate_pairs
 from vqret.retrieval.embedder import ModelSpec
 from vqret.retrieval.index import index_files, load_saved, read_meta

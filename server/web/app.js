@@ -48,7 +48,8 @@ async function search(kind, value, label) {
     if (store) body.append('store', store);
     request = { method: 'POST', body };
   } else {
-    const query = kind === 'text' ? { text: value } : { like: value };
+    // text goes as q: the query syntax ("cat - grass + 0.5:dog"), read by the server
+    const query = kind === 'text' ? { q: value } : { like: value };
     request = {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
@@ -78,13 +79,48 @@ async function search(kind, value, label) {
     setStatus(data.error || `Search failed (HTTP ${answer.status})`, true, preview);
     return;
   }
-  render(data.results);
+  render(data.results, data.generated);
   const n = data.results.length;
-  setStatus(`${n} result${n === 1 ? '' : 's'} for ${label} in ${Math.round(data.took_ms)} ms`,
+  setStatus(`${n} result${n === 1 ? '' : 's'} for ${label} in ${Math.round(data.took_ms)} ms`
+    + readAs(data.query) + (data.generated ? ' · nothing matched well, so one was drawn' : ''),
     false, preview);
 }
 
-function render(results) {
+// How the server read a query of several terms: "read as + “cat” − “grass” × 0.5".
+function readAs(query) {
+  const terms = (query && query.terms) || [];
+  if (terms.length < 2 && !(terms[0] && terms[0].weight !== 1)) return '';
+  const parts = terms.map((t, i) => {
+    const sign = t.weight < 0 ? '−' : (i ? '+' : '');
+    const weight = Math.abs(t.weight) === 1 ? '' : ` × ${Math.abs(t.weight)}`;
+    const what = t.type === 'text' ? `“${t.text}”` : t.type === 'like' ? `image #${t.id}`
+      : t.type === 'image_url' ? t.url : 'an image';
+    return `${sign} ${what}${weight}`.trim();
+  });
+  return ` · read as ${parts.join(' ')}`;
+}
+
+// The fallback's picture: a card like the others, marked "generated", first.
+function generatedCard(g) {
+  const card = $('card').content.firstElementChild.cloneNode(true);
+  card.classList.add('generated');
+  card.dataset.generated = 'true';
+  const img = card.querySelector('img');
+  img.src = g.url;
+  img.alt = `generated for ${g.prompt}`;
+  card.querySelector('.score').textContent = g.clip_score.toFixed(3);
+  card.querySelector('.score').title = 'CLIP score of the generated picture';
+  card.querySelector('.like').remove();
+  const path = card.querySelector('.path');
+  path.textContent = 'generated';
+  const best = g.best_score === null ? 'no result' : g.best_score.toFixed(3);
+  path.title = `drawn because the best score ${best} is below ${g.threshold.toFixed(3)}`
+    + ` (seed ${g.seed})`;
+  card.querySelector('.thumb').addEventListener('click', () => window.open(g.url, '_blank'));
+  return card;
+}
+
+function render(results, generated) {
   const template = $('card').content.firstElementChild;
   const cards = results.map((r) => {
     const card = template.cloneNode(true);
@@ -101,6 +137,7 @@ function render(results) {
     card.querySelector('.like').addEventListener('click', () => likeThis(r));
     return card;
   });
+  if (generated) cards.unshift(generatedCard(generated));
   grid.replaceChildren(...cards);
   window.scrollTo(0, 0);
 }
