@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +20,13 @@ from .engine import Fallback, SearchResults, query_vector, run_query
 from .fetch import fetch_url
 from .query import Query, QueryError, Term, build_query
 from .store import IMAGES, STORE_DIRNAME, TEXTS, Store, StoreError, find_store
+from .text_queries import TextQueries
 
 if TYPE_CHECKING:  # the embedder imports torch: only when a model is really needed
     from PIL import Image
 
     from .embedder import Embedder
 
-TEXT_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -70,25 +68,14 @@ class Collection:
         process answers one query and exits (the CLI), so load the ONNX encoder for a fast
         start rather than fast repeats."""
         embedder_kwargs = embedder_options(device, precision, batch_size, num_workers)
-        text_encoder = text_encoder or os.environ.get("VQRET_TEXT_ENCODER") or "auto"
-        if text_encoder not in ("auto", "torch"):
-            raise ValueError(f"unknown text encoder {text_encoder!r}: use auto or torch")
         self.store = store
         self._embedder = embedder
         self._embedder_kwargs = embedder_kwargs
-        self._text_choice = text_encoder
-        self._one_shot = one_shot
-        self._onnx_text: Any = None  # OnnxTextEncoder once loaded
-        # why text queries take the torch path (None: not decided yet, "" : they don't)
-        self.text_path_reason: str | None = None
-        self._text_export_helps = False
+        self._texts = TextQueries(self, text_encoder, one_shot)
         # search indexes and id -> row lookups, valid for one store generation
         self._indexes: dict[str, Any] = {}
         self._lookups: dict[str, dict[int, dict]] = {}
         self._index_generation: int | None = None
-        # warm repeated queries skip the text tower (a server sees the same queries often)
-        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_lock = threading.Lock()
         self._vectors: tuple[int, np.ndarray, np.ndarray] | None = None  # rows' embeddings
 
     # ---- opening --------------------------------------------------------------------------
@@ -256,24 +243,8 @@ class Collection:
         return _OwnEmbedder(self)
 
     def embed_query_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, D) embeddings of query texts, the ones not cached in one model call."""
-        out: list[np.ndarray | None] = [None] * len(texts)
-        with self._cache_lock:
-            for i, text in enumerate(texts):
-                cached = self._text_cache.get(text)
-                if cached is not None:
-                    self._text_cache.move_to_end(text)
-                    out[i] = cached
-        missing = sorted({t for t, v in zip(texts, out, strict=True) if v is None})
-        if missing:
-            fresh = dict(zip(missing, self._embed_texts(missing), strict=True))
-            with self._cache_lock:
-                for text, vector in fresh.items():
-                    self._text_cache[text] = vector
-                    if len(self._text_cache) > TEXT_CACHE_SIZE:
-                        self._text_cache.popitem(last=False)
-            out = [fresh[t] if v is None else v for t, v in zip(texts, out, strict=True)]
-        return np.stack(out)
+        """(N, D) embeddings of query texts; the ones not cached in one model call."""
+        return self._texts.embed(list(texts))
 
     def search(
         self,
@@ -385,68 +356,23 @@ class Collection:
             raise QueryError(f"no image with id {missing[0]} in this store", status=404)
         return vectors[pos]
 
-    # ---- text queries without torch -------------------------------------------------------
-    def _embed_texts(self, texts: list[str]) -> np.ndarray:
-        encoder = self._fast_text_encoder()
-        if encoder is not None:
-            from .onnx_text import TextEncoderUnavailable
-
-            try:
-                return encoder.embed_texts(texts)
-            except TextEncoderUnavailable as e:  # its self-check failed: never use it
-                self._no_fast_text(e.reason, e.rebuild)
-        return self.embedder.embed_texts(texts)
-
-    def _fast_text_encoder(self):
-        """The ONNX text encoder when this collection may and can use it, else None."""
-        if self._onnx_text is not None or self.text_path_reason is not None:
-            return self._onnx_text
-        kwargs = self._embedder_kwargs
-        if self._embedder is not None or self._text_choice == "torch":
-            self.text_path_reason = "the model is loaded or asked for"
-        elif kwargs.get("device", "auto") not in ("auto", "cpu") or kwargs.get(
-            "precision", "fp32"
-        ) != "fp32":
-            # the export is fp32 on the CPU: the same numbers as the default torch path
-            self.text_path_reason = "another device or precision was asked for"
-        else:
-            from .onnx_text import TextEncoderUnavailable, load_text_encoder
-
-            try:
-                self._onnx_text = load_text_encoder(
-                    self.store.path, self.store.spec, one_shot=self._one_shot
-                )
-                self.text_path_reason = ""
-            except TextEncoderUnavailable as e:
-                self._no_fast_text(e.reason, e.rebuild)
-        return self._onnx_text
-
-    def _no_fast_text(self, reason: str, rebuild: bool) -> None:
-        import logging
-
-        logging.getLogger(__name__).info("text query through torch: %s", reason)
-        self._onnx_text = None
-        self.text_path_reason = reason
-        self._text_export_helps = rebuild
+    # ---- text queries without torch (text_queries.py) -------------------------------------
+    @property
+    def text_path_reason(self) -> str | None:
+        """Why text queries take the torch path (None: not decided yet, "": they don't)."""
+        return self._texts.reason
 
     @property
     def text_export_would_help(self) -> bool:
         """True when a text query took the torch path because the store's ONNX text encoder
         is missing, stale or damaged: `prepare_fast_text_search()` would mend that."""
-        return self._text_export_helps
+        return self._texts.export_would_help
 
     def prepare_fast_text_search(self) -> str:
         """Export the model's text tower to ONNX into the store (when not already there and
         up to date), so that later text searches run without torch. Never raises: a model
         that can't be exported keeps the torch path. Returns a short status."""
-        from .onnx_export import ensure_text_encoder
-
-        embedder = self.embedder
-        # a Ray embedder embeds captions with a local model: that one exports
-        embedder = getattr(embedder, "text_embedder", None) or embedder
-        status = ensure_text_encoder(self.store.path, embedder)
-        self._text_export_helps = False
-        return status
+        return self._texts.prepare()
 
     def _lookup(self, table: str) -> dict[int, dict]:
         """id -> row (without embeddings) of a table, cached for the current generation."""
@@ -464,65 +390,10 @@ class Collection:
         return self.store.root / path
 
     def info(self) -> dict[str, Any]:
-        m = self.store.manifest
-        return {
-            "store": str(self.store.path),
-            "root": self.store.source,
-            "images": len(self.store),
-            "model": m["model"]["model"],
-            "pretrained": m["model"]["weights_id"],
-            "dim": m["dim"],
-            "schema_version": m["schema_version"],
-            "vqret_version": m["vqret_version"],
-            "created_at": m["created_at"],
-            "updated_at": m["updated_at"],
-            "generation": m["generation"],
-            "parts": len(self.store.parts()),
-            "texts": self.store.count("texts"),
-            "index": self._index_facts(),
-            "text_encoder": self._text_encoder_fact(),
-            "codes": self._codes_facts(),
-            "failures": m.get("failures", []),
-        }
+        """What the store holds: model, counts, index, text encoder, codes, failures."""
+        from .store_facts import store_facts
 
-    def _text_encoder_fact(self) -> str:
-        from .onnx_text import TextEncoderUnavailable, read_meta
-
-        try:
-            read_meta(self.store.path, self.store.spec)
-        except TextEncoderUnavailable as e:
-            return f"torch ({e.reason})"
-        return "onnx (cold text searches skip torch)"
-
-    def _codes_facts(self) -> dict[str, Any]:
-        """The tokenizer the codes were last made with, and how many rows have its codes."""
-        record = self.store.manifest.get("tokenizer") or {}
-        if not record.get("id"):
-            return {"tokenizer": "none yet (vqret tokenizer train / encode)"}
-        import pyarrow.compute as pc
-
-        tags = self.store.read_table(["codes_tokenizer"]).column("codes_tokenizer")
-        encoded = int(pc.sum(pc.equal(tags, record["id"])).as_py() or 0)
-        return {
-            "tokenizer": record["id"][:12],
-            "path": record.get("path"),
-            "grid": record.get("grid"),
-            "encoded": encoded,  # rows holding codes from this tokenizer
-        }
-
-    def _index_facts(self) -> dict[str, Any]:
-        from .index import read_meta
-
-        meta = read_meta(self.store)
-        if meta is None:
-            return {"kind": "none yet (rebuilt from the rows when searched)"}
-        plan = meta.get("plan", {})
-        facts = {k: plan.get(k) for k in (
-            "kind", "factory", "params", "recall_at_10", "query_ms", "bytes_per_vector",
-            "reason", "rebuild_rule", "refine",
-        )}
-        facts["up_to_date"] = meta.get("generation") == self.store.table_generation()
-        return facts
+        return store_facts(self.store)
 
 
 class _OwnEmbedder:

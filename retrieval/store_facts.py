@@ -1,0 +1,73 @@
+"""`vqret info`'s facts about a store: its model, counts, index plan, text encoder and codes.
+
+Read from the manifest and the rows only: no model loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .store import Store
+
+
+def store_facts(store: Store) -> dict[str, Any]:
+    """`vqret info`: the facts of a store, as a JSON-able dict."""
+    m = store.manifest
+    return {
+        "store": str(store.path),
+        "root": store.source,
+        "images": len(store),
+        "model": m["model"]["model"],
+        "pretrained": m["model"]["weights_id"],
+        "dim": m["dim"],
+        "schema_version": m["schema_version"],
+        "vqret_version": m["vqret_version"],
+        "created_at": m["created_at"],
+        "updated_at": m["updated_at"],
+        "generation": m["generation"],
+        "parts": len(store.parts()),
+        "texts": store.count("texts"),
+        "index": _index_facts(store),
+        "text_encoder": _text_encoder_fact(store),
+        "codes": _codes_facts(store),
+        "failures": m.get("failures", []),
+    }
+
+def _text_encoder_fact(store: Store) -> str:
+    from .onnx_text import TextEncoderUnavailable, read_meta
+
+    try:
+        read_meta(store.path, store.spec)
+    except TextEncoderUnavailable as e:
+        return f"torch ({e.reason})"
+    return "onnx (cold text searches skip torch)"
+
+def _codes_facts(store: Store) -> dict[str, Any]:
+    """The tokenizer the codes were last made with, and how many rows have its codes."""
+    record = store.manifest.get("tokenizer") or {}
+    if not record.get("id"):
+        return {"tokenizer": "none yet (vqret tokenizer train / encode)"}
+    import pyarrow.compute as pc
+
+    tags = store.read_table(["codes_tokenizer"]).column("codes_tokenizer")
+    encoded = int(pc.sum(pc.equal(tags, record["id"])).as_py() or 0)
+    return {
+        "tokenizer": record["id"][:12],
+        "path": record.get("path"),
+        "grid": record.get("grid"),
+        "encoded": encoded,  # rows holding codes from this tokenizer
+    }
+
+def _index_facts(store: Store) -> dict[str, Any]:
+    from .index import read_meta
+
+    meta = read_meta(store)
+    if meta is None:
+        return {"kind": "none yet (rebuilt from the rows when searched)"}
+    plan = meta.get("plan", {})
+    facts = {k: plan.get(k) for k in (
+        "kind", "factory", "params", "recall_at_10", "query_ms", "bytes_per_vector",
+        "reason", "rebuild_rule", "refine",
+    )}
+    facts["up_to_date"] = meta.get("generation") == store.table_generation()
+    return facts
