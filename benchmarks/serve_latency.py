@@ -4,8 +4,13 @@ The same store is searched three ways in one run, so the numbers compare on one 
 
 - in process: `Collection.search(text=...)` (model + index) and `search(embedding=...)`
   (index only), one call at a time: the floor that HTTP adds to;
-- over HTTP, `POST /api/search` with a text (model + index + HTTP) and with `like` (an id:
-  the stored vector, no model, so index + HTTP only), from 1 and from 8 concurrent clients.
+- over HTTP, `POST /api/search` with a text (model + index + HTTP), the same text through
+  clip-retrieval's `POST /knn-service`, a query of three text terms (`q: "a + b - c"`: one
+  forward pass for the three), and `like` (an id: the stored vector, no model, so index +
+  HTTP only), from 1 and from 8 concurrent clients (`--concurrency 1,50` for 50).
+
+`three_terms_vs_three_queries` is the 3-term query's p50 over three times the one-text p50,
+both from one client: under 1 when the terms share a forward pass, as they should.
 
 The server is a separate `vqret serve --port 0` process, as a user runs it; the clients are
 threads here, each with its own keep-alive connection. Every configuration sends a bounded
@@ -41,6 +46,13 @@ QUERIES = [
 ]
 K = 10
 WARMUP_PER_CLIENT = 3
+# query kind -> what it measures (the table's rows)
+KINDS = {
+    "text": "text, /api/search (model + index + HTTP)",
+    "knn": "text, /knn-service (model + index + HTTP)",
+    "terms3": "3 text terms, /api/search (one forward pass + index + HTTP)",
+    "like": "like, /api/search (index + HTTP)",
+}
 SERVER_START_S = 180
 
 
@@ -54,6 +66,7 @@ def run_serve_latency_benchmark(
     concurrency: Sequence[int] = (1, 8),
     device: str = "cpu",
     search_threads: int = 1,
+    kinds: Sequence[str] = tuple(KINDS),
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Latency p50/p99 (ms) in process and over HTTP. Returns a flat JSON-able dict.
@@ -69,6 +82,9 @@ def run_serve_latency_benchmark(
 
     if requests < 1 or not concurrency or min(concurrency) < 1:
         raise ValueError("requests and every concurrency must be >= 1")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"query kinds must be some of {', '.join(KINDS)}, not {unknown}")
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="vqret-bench-serve-") as tmp:
         store_path = _store_for(Path(source), model, pretrained, limit, device, Path(tmp), say)
@@ -115,7 +131,7 @@ def run_serve_latency_benchmark(
             import httpx
 
             say(f"server at {url}")
-            for kind in ("text", "like"):
+            for kind in kinds:
                 for clients in concurrency:
                     before = httpx.get(url + "healthz").json()
                     lat, wall = _load(url, kind, clients, requests, ids)
@@ -127,12 +143,18 @@ def run_serve_latency_benchmark(
                     result[f"{key}_req_per_s"] = round(len(lat) / wall, 1)
                     calls = after["model_calls"] - before["model_calls"]
                     embedded = after["queries_embedded"] - before["queries_embedded"]
-                    if kind == "text" and calls:
+                    if kind in ("text", "knn", "terms3") and calls:
                         result[f"{key}_mean_batch"] = round(embedded / calls, 2)
                     say(
                         f"HTTP {kind}, {clients} client(s): p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
                         f"{len(lat) / wall:.1f} req/s"
                     )
+            one = min(concurrency)
+            if {"text", "terms3"} <= set(kinds):
+                result["three_terms_vs_three_queries"] = round(
+                    result[f"http_terms3_c{one}_ms_p50"]
+                    / (3 * result[f"http_text_c{one}_ms_p50"]), 3
+                )
     result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     return result
 
@@ -146,9 +168,9 @@ def format_table(result: dict[str, Any]) -> str:
     clients = sorted(
         {int(m.group(1)) for k in result if (m := re.match(r"http_text_c(\d+)_ms_p50", k))}
     )
-    for kind, what in (("text", "model + index + HTTP"), ("like", "index + HTTP")):
-        for c in clients:
-            label = f"HTTP {kind} ({what}), {c} client{'s' if c > 1 else ''}"
+    for kind, what in KINDS.items():
+        for c in clients if f"http_{kind}_c{clients[0]}_ms_p50" in result else []:
+            label = f"HTTP {what}, {c} client{'s' if c > 1 else ''}"
             rows.append((label, f"http_{kind}_c{c}", f"http_{kind}_c{c}_req_per_s"))
     lines = [
         f"{result['n_images']} images, {result['model']} ({result['pretrained']}), "
@@ -167,6 +189,9 @@ def format_table(result: dict[str, Any]) -> str:
             label += f" (mean batch {batch})"
         p50, p99 = result[f"{key}_ms_p50"], result[f"{key}_ms_p99"]
         lines.append(f"| {label} | {p50} | {p99} | {per_s} |")
+    if "three_terms_vs_three_queries" in result:
+        lines += ["", "A query of 3 terms costs "
+                  f"{result['three_terms_vs_three_queries']}x three one-term queries (1 client)."]
     return "\n".join(lines)
 
 
@@ -239,18 +264,27 @@ def _load(
     ready = threading.Barrier(clients + 1)
 
     def body(i: int) -> dict[str, Any]:
+        text = QUERIES[i % len(QUERIES)]
         if kind == "text":
-            return {"text": QUERIES[i % len(QUERIES)], "k": K}
+            return {"text": text, "k": K}
+        if kind == "knn":
+            return {"text": text, "num_images": K}
+        if kind == "terms3":
+            # three different texts, none cached: "a + b - c"
+            others = QUERIES[(i + 5) % len(QUERIES)], QUERIES[(i + 11) % len(QUERIES)]
+            return {"q": f"{text} + {others[0]} - 0.5:{others[1]}", "k": K}
         return {"like": ids[i % len(ids)], "k": K}
+
+    route = "knn-service" if kind == "knn" else "api/search"
 
     def client(n: int) -> None:
         with httpx.Client(base_url=url, timeout=120) as http:
             for i in range(WARMUP_PER_CLIENT):
-                http.post("api/search", json=body(i + n))
+                http.post(route, json=body(i + n))
             ready.wait()
             for i in range(shares[n]):
                 started = time.perf_counter()
-                r = http.post("api/search", json=body(n * 7 + i))
+                r = http.post(route, json=body(n * 7 + i))
                 latencies[n].append((time.perf_counter() - started) * 1000)
                 if r.status_code != 200:
                     errors.append(r.text)

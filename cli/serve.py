@@ -194,9 +194,15 @@ def bench_serve(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "cpu",
     search_threads: Annotated[int, typer.Option("--search-threads", min=1)] = 1,
+    kinds: Annotated[
+        list[str] | None,
+        typer.Option("--kind", help="Query kinds to time; repeatable: text, knn, terms3, like "
+                     "(default: all)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Query latency p50/p99 over HTTP (loopback) next to in-process Collection.search."""
+    """Query latency p50/p99 over HTTP (loopback) next to in-process Collection.search; a
+    3-term query against three 1-term ones."""
     try:
         from vqret.benchmarks.serve_latency import format_table, run_serve_latency_benchmark
 
@@ -209,6 +215,7 @@ def bench_serve(
             concurrency=tuple(concurrency or (1, 8)),
             device=device,
             search_threads=search_threads,
+            **({"kinds": tuple(kinds)} if kinds else {}),
             log=None if as_json else err.print,
         )
     except _known_errors() as e:

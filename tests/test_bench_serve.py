@@ -27,10 +27,18 @@ def test_serve_latency_benchmark_runs(embedder, tmp_path):
         "http_text_c3_ms_p99",
         "http_like_c1_ms_p50",
         "http_like_c3_req_per_s",
+        "http_knn_c1_ms_p50",
+        "http_terms3_c3_ms_p50",
+        "three_terms_vs_three_queries",
     ):
         assert result[key] > 0, key
     assert result["http_text_c3_mean_batch"] >= 1
+    # the ratio is computed from the two p50s the report carries, to its 3-decimal rounding
+    ratio = result["http_terms3_c1_ms_p50"] / (3 * result["http_text_c1_ms_p50"])
+    assert abs(result["three_terms_vs_three_queries"] - ratio) <= 5e-4 + 1e-2 * ratio
     assert any("server at http://127.0.0.1:" in line for line in lines)
     table = format_table(result)
-    assert "| HTTP text (model + index + HTTP), 3 clients" in table
+    assert "| HTTP text, /api/search (model + index + HTTP), 3 clients" in table
+    assert "| HTTP text, /knn-service (model + index + HTTP), 1 client (mean batch" in table
+    assert "3 terms costs" in table
     json.dumps(result)
