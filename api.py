@@ -2,7 +2,7 @@
 
 Retrieval never imports the tokenizer or diffusion (CI checks the layers), so what a user
 expects of one collection object but needs those packages is added here: the DiT fallback for
-`search(..., generate="auto")`, the tokenizer's codes and near-duplicates, and the diffusion
+`search(..., generate="auto")`, the tokenizer's codes, and the diffusion
 model's line in `info()`. `vqret.Collection` is this class; the CLI and the server use it too.
 """
 
@@ -18,7 +18,7 @@ from vqret.retrieval.engine import Fallback
 
 class Collection(_RetrievalCollection):
     """A store and the embedder that fills and queries it (vqret.retrieval.collection), with
-    generate-on-miss, tokenizer codes and near-duplicates."""
+    generate-on-miss and tokenizer codes."""
 
     def fallback(self) -> Fallback:
         from vqret.diffusion.fallback import generate_on_miss
@@ -55,13 +55,6 @@ class Collection(_RetrievalCollection):
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = self.tokenizer(tokenizer)
         return decode_row(self.store, tokenizer, id=id, path=path)
-
-    def duplicates(self, **kwargs: Any):
-        """Groups of near-duplicate images from stored codes and embeddings (DupeReport);
-        kwargs: threshold, codes_threshold, ... (vqret.tokenizer.dupes.find_duplicates)."""
-        from vqret.tokenizer.dupes import find_duplicates
-
-        return find_duplicates(self.store, **kwargs)
 
     def _diffusion_fact(self) -> str:
         from vqret.diffusion.paths import diffusion_path, has_model

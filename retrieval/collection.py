@@ -213,6 +213,13 @@ class Collection:
             update_after_write(writer, TEXTS)
         return report.to_dict()
 
+    def duplicates(self, **kwargs: Any):
+        """Groups of near-duplicate images from stored codes and embeddings (DupeReport);
+        kwargs: threshold, codes_threshold, ... (vqret.retrieval.dupes.find_duplicates)."""
+        from .dupes import find_duplicates
+
+        return find_duplicates(self.store, **kwargs)
+
     # ---- searching ------------------------------------------------------------------------
     def _search_index(self, table: str = IMAGES):
         from .index import load_index, to_search_device
