@@ -70,23 +70,23 @@ def bench_ray(
     log = None if as_json else err.print
     result: dict = {}
     with clean_errors():
-        from vqret.benchmarks import ray_engine as bench
-        from vqret.retrieval.ray_engine import RayUnavailableError, require_ray
+        from vqret.benchmarks import ray_embed, ray_index
+        from vqret.retrieval.distributed import RayUnavailableError, require_ray
 
         try:
             require_ray()
         except RayUnavailableError as e:
             fail(str(e))
         if part in ("embed", "all"):
-            source = folder or bench.DEFAULT_FOLDER
+            source = folder or ray_embed.DEFAULT_FOLDER
             if not source.is_dir():
                 fail(f"{source}: no such folder of images; pass --folder")
-            result["embed"] = bench.run_embed(
+            result["embed"] = ray_embed.run_embed(
                 source, images=images, model=model, pretrained=pretrained,
                 batch_size=batch_size, precision=precision, cpus=cpus, address=address,
                 log=log)
         if part in ("index", "all"):
-            result["index"] = bench.run_index(
+            result["index"] = ray_index.run_index(
                 _one(rows, "--rows"), dim=dim, kind=kind,
                 rows_per_shard=_one(rows_per_shard, "--rows-per-shard"),
                 part_rows=_one(part_rows, "--part-rows"), cpus=cpus,

@@ -24,12 +24,13 @@ from fixtures.shapes import draw_shape, make_shape_folder
 
 ray = pytest.importorskip("ray")
 
-from vqret.retrieval import ray_engine  # noqa: E402
 from vqret.retrieval.collection import Collection  # noqa: E402
 from vqret.retrieval.content_hash import file_hash  # noqa: E402
+from vqret.retrieval.distributed import cluster, embedding, indexing, sharded_index  # noqa: E402
 from vqret.retrieval.embedder import ModelSpec  # noqa: E402
 from vqret.retrieval.index import load_saved  # noqa: E402
 from vqret.retrieval.indexer import index_folder  # noqa: E402
+from vqret.retrieval.remote import FsspecSource, version_ns  # noqa: E402
 from vqret.retrieval.store import Store, embeddings_to_arrow, now_utc  # noqa: E402
 from vqret.retrieval.walk import walk_images  # noqa: E402
 
@@ -83,7 +84,7 @@ HASH_JOBS: list[int] = []  # files in each Ray hash job of the last _run_both
 
 def _run_both(local: Store, remote: Store, embedder, folder: Path) -> tuple[dict, dict]:
     a = index_folder(local, embedder, folder).to_dict()
-    hash_files = ray_engine.RayEmbedder.hash_files
+    hash_files = embedding.RayEmbedder.hash_files
     HASH_JOBS.clear()
 
     def counted(self, paths):
@@ -93,9 +94,9 @@ def _run_both(local: Store, remote: Store, embedder, folder: Path) -> tuple[dict
     # The Ray workers are other processes: patched here, only the driver's hashing breaks.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("vqret.retrieval.hasher.file_hash", _driver_must_not_read)
-        patch.setattr(ray_engine.RayEmbedder, "hash_files", counted)
-        b = ray_engine.index_folder_with_ray(remote, remote.spec, folder, batch_size=16,
-                                             text_embedder=embedder).to_dict()
+        patch.setattr(embedding.RayEmbedder, "hash_files", counted)
+        b = indexing.index_folder_with_ray(remote, remote.spec, folder, batch_size=16,
+                                           text_embedder=embedder).to_dict()
     return {k: a[k] for k in REPORT_KEYS}, {k: b[k] for k in REPORT_KEYS}
 
 
@@ -165,7 +166,7 @@ def test_ray_engine_indexes_like_the_local_engine(local_ray, tmp_path, folder, e
 
 
 def test_fsspec_urls_list_hash_and_embed_like_the_folder(folder, embedder):
-    source = ray_engine.FsspecSource(f"file://{folder}")
+    source = FsspecSource(f"file://{folder}")
     walked = list(walk_images(folder))
     listed = list(source.walk())
     # listed entries are named by their full URL: the rows of a remote source keep it
@@ -180,9 +181,9 @@ def test_fsspec_urls_list_hash_and_embed_like_the_folder(folder, embedder):
     assert urls[0] == f"file://{folder}/broken.jpg"
     # The actor's code, run here: a Ray job would only add a worker start-up to this test.
     plan = {"device": "cpu", "num_cpus": 1}
-    worker = ray_engine.RayEmbedder(embedder.spec, batch_size=16)._worker_class(plan)()
+    worker = embedding.RayEmbedder(embedder.spec, batch_size=16)._worker_class(plan)()
     out = worker({"position": np.arange(len(urls)), "path": np.array(urls, dtype=object)})
-    got = ray_engine._to_image_batch(out, embedder.embed_dim)
+    got = embedding._to_image_batch(out, embedder.embed_dim)
     [local] = list(embedder.iter_image_files([str(folder / r) for r in rels]))
     assert got.indices == local.indices and got.sizes == local.sizes
     assert got.failures == local.failures and [i for i, _ in got.failures] == [0]
@@ -193,7 +194,7 @@ def test_ray_hashing_gives_the_local_digest_and_causes(folder):
     """What a hash task computes for a file, a URL and a file that vanished, against the
     driver's own hashing (the task's code run here, as in the test above)."""
     names = [str(folder / "broken.jpg"), f"file://{folder}/empty.png", str(folder / "gone.png")]
-    out = ray_engine._hash_rows({"position": np.arange(3), "path": np.array(names, object)})
+    out = embedding._hash_rows({"position": np.arange(3), "path": np.array(names, object)})
     assert list(out["position"]) == [0, 1, 2]
     assert list(out["hash"][:2]) == [file_hash(folder / "broken.jpg"), file_hash(folder /
                                                                                  "empty.png")]
@@ -206,10 +207,10 @@ def test_version_stamps_from_object_store_listings():
 
     stamp = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
     ns = int(stamp.timestamp() * 1e9)
-    assert ray_engine._version_ns({"LastModified": stamp}) == ns  # s3fs
-    assert ray_engine._version_ns({"updated": "2024-05-01T12:00:00Z"}) == ns  # gcsfs
-    assert ray_engine._version_ns({"mtime": 1714564800.0}) == ns  # local, sftp
-    a, b = ray_engine._version_ns({"ETag": '"abc"'}), ray_engine._version_ns({"ETag": '"abd"'})
+    assert version_ns({"LastModified": stamp}) == ns  # s3fs
+    assert version_ns({"updated": "2024-05-01T12:00:00Z"}) == ns  # gcsfs
+    assert version_ns({"mtime": 1714564800.0}) == ns  # local, sftp
+    a, b = version_ns({"ETag": '"abc"'}), version_ns({"ETag": '"abd"'})
     assert a != b and 0 < a < 2**63  # no time: the ETag still shows a change
 
 
@@ -258,7 +259,7 @@ def test_sharded_index_holds_what_one_process_would(local_ray, tmp_path):
     store = _vector_store(tmp_path, 3000)
     assert len(store.parts()) == 6
     with store.writer():
-        plan = ray_engine.build_sharded_index(store, "ivf", rows_per_shard=1000)
+        plan = sharded_index.build_sharded_index(store, "ivf", rows_per_shard=1000)
     assert plan.kind == "ivf" and plan.trained_n == 3000
     saved = load_saved(store)  # saved for the current generation: readers use it as it is
     assert saved is not None
@@ -297,7 +298,7 @@ def test_sharded_index_holds_what_one_process_would(local_ray, tmp_path):
             "embedding": embeddings_to_arrow(extra),
             "added_at": pa.array([now_utc()] * len(extra), pa.timestamp("us", "UTC")),
         }))
-        again = ray_engine.ray_update_index(store, sharded_above=0, rows_per_shard=1000)
+        again = sharded_index.ray_update_index(store, sharded_above=0, rows_per_shard=1000)
     assert again.trained_n == 3000 and again.factory == plan.factory
     index2 = load_saved(store)[0]
     assert index2.ntotal == 3400
@@ -314,7 +315,7 @@ def test_topk_merge_equals_exact_search():
     found = np.full((20, 10), -1, np.int64)
     for part in np.array_split(np.arange(900), 4):
         s, p = faiss.knn(queries, vectors[part], 10, metric=faiss.METRIC_INNER_PRODUCT)
-        scores, found = ray_engine._merge_topk(scores, found, s, ids[part][p], 10)
+        scores, found = sharded_index.merge_topk(scores, found, s, ids[part][p], 10)
     exact = faiss.IndexFlatIP(16)
     exact.add(vectors)
     assert np.array_equal(found, ids[exact.search(queries, 10)[1]])
@@ -337,7 +338,7 @@ def test_merging_shards_equals_adding_in_one_index(factory):
         shards.append(shard)
     merged = shards[0]
     for shard in shards[1:]:
-        ray_engine.merge_into(merged, shard)
+        sharded_index.merge_into(merged, shard)
     assert merged.ntotal == 2000
     for index in (whole, merged):
         faiss.extract_index_ivf(index).nprobe = 4
@@ -346,8 +347,8 @@ def test_merging_shards_equals_adding_in_one_index(factory):
 
 def test_without_ray_the_message_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(ray_engine.RayUnavailableError) as caught:
-        ray_engine.require_ray()
+    with pytest.raises(cluster.RayUnavailableError) as caught:
+        cluster.require_ray()
     message = str(caught.value)
     assert "pip install 'vqret[ray]'" in message and "\n" not in message
 
@@ -417,7 +418,7 @@ def test_actor_plan_follows_the_cluster(monkeypatch, embedder):
     more actors than batches. (What the actors then do on a GPU can't run here.)"""
     def plan(resources, n_paths, **options):
         monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
-        return ray_engine.RayEmbedder(embedder.spec, batch_size=64, **options)._plan(n_paths)
+        return embedding.RayEmbedder(embedder.spec, batch_size=64, **options)._plan(n_paths)
 
     gpus = {"CPU": 64.0, "GPU": 4.0}
     assert plan(gpus, 100_000) == {"actors": 4, "num_gpus": 1, "num_cpus": 8.0,
@@ -435,8 +436,8 @@ def test_an_actor_that_cannot_load_the_model_is_one_line(local_ray, tmp_path, fo
     """Every node needs the weights: an actor on a node without them ends the run with the
     cause in one line, not Ray's remote traceback."""
     spec = ModelSpec(tiny_clip[0], str(tmp_path / "not-on-this-node.safetensors"), "x", 64)
-    embedder = ray_engine.RayEmbedder(spec, batch_size=16)
-    with pytest.raises(ray_engine.RayWorkerError) as caught:
+    embedder = embedding.RayEmbedder(spec, batch_size=16)
+    with pytest.raises(cluster.RayWorkerError) as caught:
         list(embedder.iter_image_files([str(p) for p in sorted(folder.glob("*.png"))[:4]]))
     message = str(caught.value)
     assert message.startswith("an embedding actor failed on Ray: WeightsUnavailableError: "
