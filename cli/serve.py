@@ -90,7 +90,8 @@ def serve(
     """Serve stores over HTTP: a search page, a JSON API, and clip-retrieval's API."""
     try:
         import uvicorn
-        from vqret.server.app import create_app, loopback_hosts
+        from vqret.server.app import create_app
+        from vqret.server.guard import loopback_hosts
     except ImportError as e:
         _fail(f"vqret serve needs the serve extra ({e.name} is missing): pip install vqret[serve]")
     import faiss

@@ -35,7 +35,7 @@ from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -47,6 +47,7 @@ from vqret.retrieval.one_line import first_line
 from vqret.retrieval.query import IMAGES, TEXTS, QueryError
 
 from . import clip_compat
+from .guard import Guard, http_error, internal_error, query_error
 from .inputs import RequestError, parse_int
 from .served_store import ServedStore, StoresArg, open_collections
 from .service import SearchService
@@ -65,7 +66,6 @@ BROWSER_IMAGE_TYPES = frozenset(
     ["image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp", "image/avif"]
 )
 WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def create_app(
     stores: StoresArg = None,
@@ -109,7 +109,7 @@ def create_app(
         Route("/metadata", api.metadata, methods=["POST"]),
         Route("/indices-list", api.indices_list, methods=["GET"]),
     ]
-    middleware = [Middleware(_Guard, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)]
+    middleware = [Middleware(Guard, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)]
     if cors_origins:
         middleware.append(
             Middleware(
@@ -129,21 +129,14 @@ def create_app(
         routes=routes,
         middleware=middleware,
         exception_handlers={
-            QueryError: _request_error,
-            HTTPException: _http_error,
-            Exception: _internal_error,
+            QueryError: query_error,
+            HTTPException: http_error,
+            Exception: internal_error,
         },
         lifespan=lifespan,
     )
     app.state.service = service
     return app
-
-
-def loopback_hosts(host: str) -> list[str] | None:
-    """Host headers to accept for a server bound to `host`: loopback names, or any (None)."""
-    if host in LOOPBACK_HOSTS or host.startswith("127."):
-        return sorted({*LOOPBACK_HOSTS, host})
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,102 +360,6 @@ def _chunks(stream):
 
 
 # --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status, headers=headers)
-
-
-async def _request_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, QueryError)
-    return _error(exc.status, exc.message, exc.headers)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        message = f"not found: {request.url.path}"
-    elif exc.status_code == 405:
-        message = f"{request.method} is not allowed on {request.url.path}"
-    else:
-        message = str(exc.detail)
-    return _error(exc.status_code, message, exc.headers)
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    # A bug, not bad input. Starlette re-raises it after this answer, so the server (uvicorn)
-    # logs the trace; the client only gets this line.
-    return _error(500, "internal error: see the server's log")
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _Guard:
-    """Plain ASGI middleware: Host check, request body cap, and a header on every response.
-
-    The body cap counts what arrives, so a client that lies about (or omits) Content-Length
-    is stopped as soon as it goes over, before the whole body is in memory.
-    """
-
-    def __init__(self, app, max_body_bytes: int, allowed_hosts: Sequence[str] | None):
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.allowed_hosts = set(allowed_hosts) if allowed_hosts is not None else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        if self.allowed_hosts is not None:
-            host = _host_name(headers.get("host", ""))
-            if host not in self.allowed_hosts:
-                await _error(400, f"unexpected Host header {host!r}")(scope, receive, send)
-                return
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(scope, receive, send)
-            return
-        received = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        async def marked_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-content-type-options", b"nosniff"),
-                ]
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, marked_send)
-        except _BodyTooLarge:
-            if started:
-                raise
-            await self._too_large(scope, receive, send)
-
-    async def _too_large(self, scope, receive, send):
-        limit = f"{self.max_body_bytes / (1 << 20):g} MiB"
-        response = _error(413, f"request body is larger than the {limit} this server accepts")
-        await response(scope, receive, send)
-
-
-# --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
 
@@ -505,12 +402,6 @@ def _url_for(request: Request):
         return f"{base}image/{quote(name, safe='')}/{image_id}"
 
     return url_for
-
-
-def _host_name(host_header: str) -> str:
-    if host_header.startswith("["):  # [::1]:8000
-        return host_header[1:].partition("]")[0]
-    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
 def _web_file(name: str) -> bytes:

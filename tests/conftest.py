@@ -78,3 +78,33 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env=None):
 
 def run_json(*args: str, **kwargs):
     return json.loads(run_cli(*args, "--json", **kwargs).stdout)
+
+
+# ---- the server tests' store (test_server*.py): 120 drawn shapes + one duplicate, served ------
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory, embedder):
+    """(collection, drawn) for 120 drawn shapes + one duplicate, in a folder named `shapes`."""
+    folder = tmp_path_factory.mktemp("served") / "shapes"
+    from serve_helpers import index_shapes
+
+    return index_shapes(folder, embedder)
+
+
+@pytest.fixture(scope="module")
+def app(shapes):
+    collection, _ = shapes
+    from vqret.server.app import create_app
+
+    app = create_app([collection])
+    yield app
+    app.state.service.close()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from starlette.testclient import TestClient
+
+    with TestClient(app) as client:
+        yield client

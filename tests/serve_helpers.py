@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 import socket
 import threading
@@ -10,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fixtures.shapes import make_shape_folder
+import numpy as np
+from fixtures.shapes import draw_shape, make_shape_folder
 
 DUPLICATE = "zz_copy_of_red_circle.png"  # a byte-identical copy, for deduplication
 
@@ -57,3 +60,28 @@ def live_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def png_bytes(color: str, shape: str, seed: int = 99) -> bytes:
+    """A drawing the model never saw (another seed than the indexed ones)."""
+    buffer = io.BytesIO()
+    draw_shape(color, shape, np.random.default_rng(seed)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def path_of(collection, image_id: int) -> str:
+    return collection.store.rows_by_id([image_id], ["id", "path"])[image_id]["path"]
+
+
+def assert_json_error(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body["error"], str) and body["error"] and body["status"] == status
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+def knn(client, **body):
+    # clip-front posts JSON with no JSON content type: send it the same way.
+    return client.post("/knn-service", content=json.dumps(body))
