@@ -151,3 +151,60 @@ def test_search_page_end_to_end(site, browser, tmp_path):
     assert "Type something" in page.inner_text("#status")
     assert not problems, problems
     page.close()
+
+
+FAR_QUERY = "a photograph of a crowded city street at night"  # nothing like the drawings
+
+
+@pytest.fixture(scope="module")
+def drawing_site(tmp_path_factory, embedder):
+    """A live server over drawn shapes whose store has the fixture tokenizer and DiT."""
+    from conftest import TESTS
+
+    collection, _ = index_shapes(tmp_path_factory.mktemp("web-dit") / "shapes", embedder)
+    for part in ("tokenizer", "diffusion"):
+        shutil.copytree(TESTS / "fixtures" / "tiny_dit" / part, collection.store.path / part)
+    app = create_app([collection])
+    with live_server(app) as url:
+        yield url, collection
+    app.state.service.close()
+
+
+def test_the_page_reads_query_syntax_and_shows_a_generated_card(drawing_site, browser):
+    url, collection = drawing_site
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.set_default_timeout(60_000)
+    page.goto(url)
+
+    # Arithmetic: the page sends the syntax as it is and says how the server read it.
+    page.fill("#q", "a red circle - 0.5:a red star")
+    page.press("#q", "Enter")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.includes('results')"
+    )
+    status = page.inner_text("#status")
+    assert "read as “a red circle” − “a red star” × 0.5" in status, status
+    top = paths_of(collection, card_ids(page)[:3])
+    assert all("red_circle" in p for p in top), top
+    assert not page.query_selector("#grid .card.generated")
+
+    # A query nothing matches: the server draws one, shown first and marked "generated".
+    page.fill("#q", FAR_QUERY)
+    page.press("#q", "Enter")
+    page.wait_for_selector("#grid .card.generated")
+    first = page.query_selector("#grid .card")
+    assert "generated" in (first.get_attribute("class") or "")
+    assert first.inner_text().lower().count("generated") >= 1
+    src = first.query_selector("img").get_attribute("src")
+    assert src.startswith("/generated/shapes/") and src.endswith(".png")
+    # the picture itself loads (a served PNG, not a broken image)
+    page.wait_for_function(
+        "() => document.querySelector('#grid .card.generated img').naturalWidth > 0"
+    )
+    assert "one was drawn" in page.inner_text("#status")
+    assert len(card_ids(page)) == 21  # the 20 results, and the picture before them
+    assert not problems, problems
+    page.close()
