@@ -100,7 +100,7 @@ class NamedPaths(Sequence[str]):
     def __len__(self) -> int:
         return len(self.at)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i: int | slice) -> str | list[str]:  # type: ignore[override]
         if isinstance(i, slice):
             chosen = self.relpaths.take(pa.array(self.at[i], pa.int64()))
             return [self.name(p) for p in chosen.to_pylist()]
