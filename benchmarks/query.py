@@ -23,7 +23,8 @@ import numpy as np
 from vqret.retrieval import ann
 from vqret.retrieval.embedder import Embedder
 
-from .ann import Mixture, exact_collection, omp_threads
+from .ann import omp_threads
+from .ann_data import Mixture, exact_collection
 
 Log = Callable[[str], Any]
 

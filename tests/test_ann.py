@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from vqret.benchmarks.ann import (
     BudgetExceeded,
-    Mixture,
     build_within,
-    exact_collection,
     run_ann_benchmark,
     serialized_bytes,
 )
+from vqret.benchmarks.ann_data import Mixture, exact_collection
 from vqret.retrieval import ann
 
 DIM = 64
