@@ -1,6 +1,6 @@
 """`vqret bench ray --part index`: the sharded IVF build next to the in-process one.
 
-A synthetic store of N unit vectors (benchmarks/ann.py's CLIP-like mixture, written as the
+A synthetic store of N unit vectors (benchmarks/ann_data.py's CLIP-like mixture, written as the
 store's Parquet parts), indexed in-process (`update_index`) and by `build_sharded_index` on a
 local Ray, each build in a fresh process (`python -m vqret.benchmarks.ray_index MODE ARGS`) so
 that its peak RSS is its own. Headline: the driver's peak RSS per raw float32 byte, and
@@ -34,13 +34,13 @@ K = 10
 
 def write_vector_store(path: Path, n: int, dim: int, *, part_rows: int = PART_ROWS,
                        seed: int = 0) -> Any:
-    """A store of `n` CLIP-like unit vectors (benchmarks/ann.py's mixture), drawn and
+    """A store of `n` CLIP-like unit vectors (benchmarks/ann_data.py's mixture), drawn and
     committed one Parquet part at a time: the generator never holds the collection."""
     import pyarrow as pa
     from vqret.retrieval.embedder import ModelSpec
     from vqret.retrieval.store import Store, embeddings_to_arrow, now_utc
 
-    from .ann import Mixture
+    from .ann_data import Mixture
 
     root = path.parent / (path.name + "-root")
     root.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def run_index(
     from vqret.retrieval import ann
     from vqret.retrieval.store import Store
 
-    from .ann import Mixture
+    from .ann_data import Mixture
 
     say = log or (lambda message: None)
     if n < ann.MIN_TRAIN or dim < 2:
