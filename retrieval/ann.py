@@ -334,7 +334,27 @@ def tune(
     k = min(10, len(vectors) - 1)
     own = pick if ids is None else ids[pick]
     truth_pos = _ground_truth(np.ascontiguousarray(vectors, np.float32), queries, k + 1)
-    truth = _without_self(truth_pos if ids is None else ids[truth_pos], own, k)
+    neighbours = truth_pos if ids is None else ids[truth_pos]
+    return tune_to_truth(index, plan, queries, own, neighbours, target)
+
+
+def tune_to_truth(
+    index: faiss.Index,
+    plan: IndexPlan,
+    queries: np.ndarray,
+    own: np.ndarray,
+    neighbours: np.ndarray,
+    target: float = 0.95,
+) -> IndexPlan:
+    """`tune` against exact neighbours found elsewhere: `neighbours` (Q, k+1) are the ids of
+    each query's exact top-(k+1), the query itself among them (its id in `own`). For builds
+    in which no process holds every vector: the Ray engine's sharded build merges its shards'
+    top lists into these."""
+    if not len(queries):
+        plan.recall_at_10, plan.params = None, {}
+        return plan
+    k = neighbours.shape[1] - 1
+    truth = _without_self(neighbours, own, k)
     if plan.kind == "hnsw":
         name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024]
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import atomic_write
 from .images import ImageLoadError, load_image
 
 LABEL_HEIGHT = 22
@@ -63,7 +64,6 @@ def render_grid(
         draw.text((x + 2, y + thumb + 4), label, fill=(0, 0, 0), font=font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    canvas.save(tmp, format="JPEG" if out.suffix.lower() in (".jpg", ".jpeg") else "PNG")
-    tmp.replace(out)
+    kind = "JPEG" if out.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    atomic_write(out, lambda tmp: canvas.save(tmp, format=kind))
     return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -75,9 +74,8 @@ def save_index(
 ) -> None:
     """Write the index, then its metadata (generation covered, plan), each atomically."""
     final, meta_path = index_files(store, table)
-    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
-    faiss.write_index(faiss.index_gpu_to_cpu(index) if gpu_count() else index, str(tmp))
-    os.replace(tmp, final)
+    on_cpu = faiss.index_gpu_to_cpu(index) if gpu_count() else index
+    write_atomic(final, lambda tmp: faiss.write_index(on_cpu, tmp))
     plan = plan or ann.plan_index(int(index.ntotal), store.dim, "flat")
     meta = {
         "generation": store.table_generation(table),

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..content_hash import stream_hash, unreadable
+from ..device import check_device_name
 from ..embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
 from ..hasher import hash_named
 from ..remote import is_url, read_bytes
@@ -131,8 +132,11 @@ class RayEmbedder:
     ):
         if batch_size < 1:
             raise ValueError("batch size must be >= 1")
-        if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
+        check_device_name(device)  # the one list of names (retrieval/device.py)
+        if device == "mps":
+            raise ValueError("--device mps can't be used on a Ray cluster: use auto, cpu or cuda")
+        # Ray gives each actor its GPU: cuda:N names no particular one there
+        device = "cuda" if device.startswith("cuda") else device
         # checked here, not only in the actors: a typo fails before the cluster starts
         check_precision(precision)
         self.spec = spec

@@ -207,7 +207,7 @@ def build_sharded_index(
     if merged is None or merged.ntotal != n:
         raise RuntimeError(f"sharded build: {0 if merged is None else merged.ntotal} of {n} "
                            "vectors after merging; the store changed underneath?")
-    _tune_with_truth(merged, plan, queries, query_ids, truth_ids, target)
+    ann.tune_to_truth(merged, plan, queries, query_ids, truth_ids, target)
     save_index(store, merged, table, plan)
     # What update_index records too: the type asked for, kept by later runs without --index.
     meta = read_meta(store, table) or {}
@@ -304,43 +304,6 @@ def _reusable_trained(
     index = saved[0]
     index.reset()  # drops the vectors, keeps the trained quantizer (and an OPQ rotation)
     return index, previous
-
-
-def _without_self(neighbours: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    """Each row's first k neighbours other than the query itself (leave-one-out)."""
-    return np.stack([row[row != me][:k] for row, me in zip(neighbours, own, strict=True)])
-
-
-def _tune_with_truth(
-    index: Any,
-    plan: ann.IndexPlan,
-    queries: np.ndarray,
-    query_ids: np.ndarray,
-    truth: np.ndarray,
-    target: float,
-) -> ann.IndexPlan:
-    """`ann.tune`'s nprobe search, with the exact top-(k+1) given (computed shard by shard):
-    `ann.tune` computes it from all the vectors, which no process here holds. The queries
-    are collection members held out of their own results, so the recall is what a query from
-    outside the collection gets."""
-    if not len(queries):
-        plan.params, plan.recall_at_10 = {}, None
-        return plan
-    k = truth.shape[1] - 1
-    truth = _without_self(truth, query_ids, k)
-    values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v <= plan.nlist]
-    values = values or [plan.nlist]
-    recall = 0.0
-    for value in values:
-        ann.set_search_params(index, {"nprobe": value})
-        found = _without_self(index.search(queries, k + 1)[1], query_ids, k)
-        recall = ann.recall_vs_exact(found, truth)
-        if recall >= target:
-            break
-    plan.params = {"nprobe": value}
-    plan.recall_at_10 = round(recall, 4)
-    plan.query_ms = round(ann.single_query_ms(index, queries[:50], k), 3)
-    return plan
 
 
 def ray_update_index(
