@@ -36,7 +36,7 @@ TokenizerOpt = Annotated[
     Path | None,
     typer.Option("--tokenizer", help="Tokenizer checkpoint (default: the store's)."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")]
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

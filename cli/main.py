@@ -31,7 +31,7 @@ StoreOpt = Annotated[
     Path | None,
     typer.Option("--store", help="Store folder (default: FOLDER/.vqret, or found upwards)."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")]
 
 
 @app.callback()

@@ -71,7 +71,9 @@ def search(
         Path | None,
         typer.Option("--store", help="Store folder (default: FOLDER/.vqret, or found upwards)."),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     files: Annotated[
         bool, typer.Option("-f", "--files", help="Print paths only, one a line.")

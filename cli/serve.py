@@ -67,7 +67,9 @@ def serve(
             "URLs (capped at 10 MB and 5 s). Off by default."
         ),
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")
+    ] = "auto",
     max_upload_mb: Annotated[
         float, typer.Option("--max-upload-mb", min=0.1, help="Largest request body accepted.")
     ] = 20.0,
@@ -193,7 +195,9 @@ def bench_serve(
         list[int] | None,
         typer.Option(help="Concurrent clients; repeatable (default: 1, 8)."),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")
+    ] = "cpu",
     search_threads: Annotated[int, typer.Option("--search-threads", min=1)] = 1,
     kinds: Annotated[
         list[str] | None,

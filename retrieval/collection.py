@@ -19,7 +19,7 @@ import numpy as np
 from .engine import Fallback, SearchResults, query_vector, run_query
 from .fetch import fetch_url
 from .query import Query, QueryError, Term, build_query
-from .store import IMAGES, STORE_DIRNAME, TEXTS, Store, StoreError, find_store
+from .store import IMAGES, STORE_DIRNAME, TEXTS, Store, StoreError
 from .text_queries import TextQueries
 
 if TYPE_CHECKING:  # the embedder imports torch: only when a model is really needed
@@ -98,18 +98,7 @@ class Collection:
                    "num_workers": num_workers, "text_encoder": text_encoder,
                    "one_shot": one_shot}
         embedder_options(device, precision, batch_size, num_workers)  # bad ones fail first
-        if store is None:
-            found = find_store()
-            if found is None:
-                raise StoreError(
-                    "no vqret store in this folder or its parents: run `vqret index FOLDER` "
-                    "first, or pass --store PATH"
-                )
-            store = found
-        path = Path(store)
-        if not (path / "manifest.json").is_file() and (path / STORE_DIRNAME).is_dir():
-            path = path / STORE_DIRNAME  # the indexed folder was given
-        return cls(Store(path), embedder, **options)
+        return cls(Store.open(store), embedder, **options)
 
     @classmethod
     def create(
@@ -230,7 +219,8 @@ class Collection:
             self._lookups.clear()
             self._index_generation = self.store.generation
         if table not in self._indexes:
-            self._indexes[table] = to_search_device(load_index(self.store, table))
+            device = self._embedder_kwargs["device"]
+            self._indexes[table] = to_search_device(load_index(self.store, table), device)
         return self._indexes[table]
 
     def query_embedding(
@@ -426,8 +416,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def embedder_options(device: str, precision: str, batch_size: int,
                      num_workers: int | None) -> dict[str, Any]:
     """The model options a collection passes on, checked now: a typo fails at the call."""
-    if not isinstance(device, str) or not device:
-        raise ValueError(f"device must be a name like auto, cpu, cuda or cuda:1, not {device!r}")
+    from .device import check_device_name
+
+    check_device_name(device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from vqret.api import Collection
 from vqret.retrieval.collection import Collection as AnyCollection
 from vqret.retrieval.embedder import Embedder
-from vqret.retrieval.store import STORE_DIRNAME, Store, StoreError, find_store
+from vqret.retrieval.store import Store, StoreError, find_store
 
 from .batcher import EmbedBatcher
 from .inputs import RequestError
@@ -80,7 +80,7 @@ def open_collections(stores: StoresArg, device: str = "auto") -> dict[str, Colle
         if isinstance(item, AnyCollection):  # any collection serves; paths open ours
             collection = item
         else:
-            store = _open_store(Path(item))
+            store = Store.open(item)
             spec = store.spec
             key = (spec.model, spec.weights_id, spec.embed_dim)
             if key not in shared:
@@ -94,12 +94,6 @@ def open_collections(stores: StoresArg, device: str = "auto") -> dict[str, Colle
             )
         out[name] = collection
     return out
-
-
-def _open_store(path: Path) -> Store:
-    if not (path / "manifest.json").is_file() and (path / STORE_DIRNAME).is_dir():
-        path = path / STORE_DIRNAME  # the indexed folder was given
-    return Store(path)
 
 
 class BatcherEmbedder:
