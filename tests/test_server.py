@@ -133,7 +133,7 @@ def test_concurrent_requests_get_the_answers_of_sequential_ones(shapes, app):
         uploads = {c: png_bytes(*c.split()[1:]) for c in captions[:4]}
 
         def ask(i: int):
-            with httpx.Client(base_url=url, timeout=30) as own:
+            with httpx.Client(base_url=url, timeout=300) as own:
                 caption = captions[i % len(captions)]
                 if i % 3 == 2 and caption in uploads:
                     files = {"image": ("q.png", uploads[caption], "image/png")}
