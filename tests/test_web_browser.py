@@ -51,6 +51,17 @@ def browser():
         browser.close()
 
 
+def open_page(browser, url: str, timeout_ms: int):
+    """(page at `url`, the list its console errors and uncaught exceptions land in)."""
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    problems: list[str] = []
+    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.set_default_timeout(timeout_ms)
+    page.goto(url)
+    return page, problems
+
+
 def card_ids(page) -> list[int]:
     return page.eval_on_selector_all("#grid .card", "cards => cards.map(c => +c.dataset.id)")
 
@@ -71,12 +82,7 @@ def wait_for_thumbnails(page, n: int = 8) -> None:
 
 def test_search_page_end_to_end(site, browser, tmp_path):
     url, collection = site
-    page = browser.new_page(viewport={"width": 1100, "height": 760})
-    problems: list[str] = []
-    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.set_default_timeout(15_000)
-    page.goto(url)
+    page, problems = open_page(browser, url, timeout_ms=15_000)
 
     # Type a query: the grid fills with red circles, each with its score.
     page.fill("#q", "a red circle")
@@ -172,12 +178,7 @@ def drawing_site(tmp_path_factory, embedder):
 
 def test_the_page_reads_query_syntax_and_shows_a_generated_card(drawing_site, browser):
     url, collection = drawing_site
-    page = browser.new_page()
-    problems: list[str] = []
-    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.set_default_timeout(60_000)
-    page.goto(url)
+    page, problems = open_page(browser, url, timeout_ms=60_000)
 
     # Arithmetic: the page sends the syntax as it is and says how the server read it.
     page.fill("#q", "a red circle - 0.5:a red star")
