@@ -25,7 +25,10 @@ def diffusion_path(store: Store, given: str | os.PathLike[str] | None = None) ->
 
 
 def has_model(store: Store, given: str | os.PathLike[str] | None = None) -> bool:
-    """Whether a diffusion checkpoint is there (no torch import: `vqret search` asks this)."""
+    """Whether a diffusion checkpoint is there (no torch import: `vqret search` asks this,
+    and the server on every query: the store's own place is one stat)."""
+    if given is None:
+        return os.path.isfile(os.path.join(store.path, DIFFUSION_DIRNAME, WEIGHTS_NAME))
     try:
         weights_file(diffusion_path(store, given), WEIGHTS_NAME, "no diffusion model")
     except ValueError:

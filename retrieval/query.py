@@ -316,13 +316,19 @@ def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     """(T, D) term embeddings and T weights -> the (D,) unit query vector (module docstring).
 
     Raises QueryError when the weighted sum is (near) zero: `cat - cat` asks for nothing."""
-    vectors = np.asarray(vectors, np.float64)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+    vectors = np.asarray(vectors, np.float32)
+    if len(vectors) == 1:  # one term: its unit vector, whatever its weight's size
+        norm = float(np.sqrt(vectors[0] @ vectors[0]))
+        if not (math.isfinite(norm) and norm > 0):
+            raise QueryError("a term's embedding must be a finite, non-zero vector")
+        return vectors[0] * np.float32(math.copysign(1.0, weights[0]) / norm)
+    norms = np.sqrt(np.einsum("td,td->t", vectors, vectors))  # (T,)
+    if not (np.isfinite(norms).all() and (norms > 0).all()):
         raise QueryError("a term's embedding must be a finite, non-zero vector")
-    total = (np.asarray(weights, np.float64)[:, None] * vectors / norms).sum(axis=0)
-    norm = float(np.linalg.norm(total))
-    if norm < CANCEL_NORM * max(1.0, float(np.abs(weights).sum())):
+    scale = np.asarray(weights, np.float32) / norms  # (T,): weight over norm, per term
+    total = scale @ vectors  # (D,) the weighted sum of unit vectors
+    norm = float(np.sqrt(total @ total))
+    if norm < CANCEL_NORM * max(1.0, float(np.abs(scale * norms).sum())):
         raise QueryError("the terms cancel out: their weighted sum is zero, so nothing can "
                          "be ranked (change a weight or a term)")
-    return (total / norm).astype(np.float32)
+    return total / np.float32(norm)
