@@ -381,7 +381,9 @@ def _object(body: Any) -> dict[str, Any]:
 
 
 def _is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").startswith("multipart/form-data")
+    """A form (multipart, or a plain HTML form's urlencoded body) rather than JSON."""
+    kind = request.headers.get("content-type", "")
+    return kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
 
 
 def _given(fields: Mapping[str, Any], key: str, default: Any) -> Any:

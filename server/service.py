@@ -9,6 +9,7 @@ queries that arrive together share a forward pass), searches hold their store's 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -248,6 +249,11 @@ class SearchService:
 
 
 def _list(value: Any) -> list:
+    if isinstance(value, str):  # a query string or a form field carries the JSON as text
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RequestError(400, "terms is not valid JSON") from None
     if not isinstance(value, list) or not value:
         raise RequestError(400, 'terms must be a non-empty list like [{"text": "cat"}, '
                            '{"text": "grass", "weight": -1}]')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -448,3 +449,16 @@ def test_serve_cli_store_names(tmp_path):
         ("work", "/data/w.vqret"),
         (None, str(odd)),  # an existing path with '=' in it stays a path
     ]
+
+
+def test_terms_as_json_text_in_a_query_string_or_form(client):
+    """GET and multipart can't carry a JSON list: `terms` may be its JSON text there."""
+    terms = '[{"text": "a red circle"}, {"text": "a red star", "weight": -0.5}]'
+    posted = client.post("/api/search", json={"terms": json.loads(terms), "k": 5}).json()
+    by_get = client.get("/api/search", params={"terms": terms, "k": 5}).json()
+    by_form = client.post("/api/search", data={"terms": terms, "k": "5"}).json()
+    ids = [r["id"] for r in posted["results"]]
+    assert ids == [r["id"] for r in by_get["results"]] == [r["id"] for r in by_form["results"]]
+    assert posted["query"]["terms"][1] == {"type": "text", "weight": -0.5, "text": "a red star"}
+    bad = client.get("/api/search", params={"terms": "[{"})
+    assert "terms is not valid JSON" in assert_json_error(bad, 400)
