@@ -33,6 +33,8 @@ Examples:
   vqret search "beach" --subtract "people" --add "0.5:./sunset.jpg"
   vqret search --like 42 - "grass"      # more like image 42, without grass
   vqret search --image query.jpg --dedupe
+  vqret search "beach" --after 2023-07-01 --before 2023-08-01 --in trips
+  vqret search "dog" --where "camera LIKE '%Pixel%' AND width >= 2000" --type jpg
 """
 )
 
@@ -105,12 +107,40 @@ def search(
                      "(default: STORE/diffusion/generated/QUERY.png)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Noise seed of the generated image.")] = 0,
+    where: Annotated[
+        str | None,
+        typer.Option(help="SQL condition over the rows' columns (DuckDB), e.g. "
+                     "\"taken >= '2023-07-01' AND camera LIKE '%Pixel%'\"."),
+    ] = None,
+    in_folder: Annotated[
+        str | None, typer.Option("--in", help="Only images under this folder (a path prefix "
+                                 "or a glob like '*/beach/*').")
+    ] = None,
+    after: Annotated[
+        str | None, typer.Option(help="Only images taken on or after this date (2023-07-01).")
+    ] = None,
+    before: Annotated[
+        str | None, typer.Option(help="Only images taken before this date.")
+    ] = None,
+    types: Annotated[
+        str | None, typer.Option("--type", help="Only these file types: jpg,png,...")
+    ] = None,
+    camera: Annotated[
+        str | None, typer.Option(help="Only images from a camera whose make/model has this.")
+    ] = None,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", help="Leave out results scoring below S.")
+    ] = None,
 ) -> None:
     """Top-k images (or --texts) for a query of weighted text and image terms."""
     with clean_errors():  # a bad query: one line, exit 2 (cli/errors.py)
+        from vqret.retrieval.filters import Filters
+
+        filters = Filters(where=where, folder=in_folder, after=after, before=before,
+                          types=types or (), camera=camera, min_score=min_score)
         parsed = _query(query, image, add, subtract, like, embedding, k=k, texts=texts,
                         dedupe=dedupe, generate=generate, threshold=threshold, seed=seed,
-                        generate_out=generate_out)
+                        generate_out=generate_out, filters=filters)
         import faiss
         from vqret.api import Collection
 

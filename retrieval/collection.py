@@ -77,6 +77,7 @@ class Collection:
         self._lookups: dict[str, dict[int, dict]] = {}
         self._index_generation: int | None = None
         self._vectors: tuple[int, np.ndarray, np.ndarray] | None = None  # rows' embeddings
+        self._row_filter: Any = None  # filters.RowFilter once a filtered search runs
 
     # ---- opening --------------------------------------------------------------------------
     @classmethod
@@ -258,6 +259,13 @@ class Collection:
         generate: str = "never",
         threshold: float | None = None,
         seed: int = 0,
+        where: str | None = None,
+        folder: str | None = None,
+        after: Any = None,
+        before: Any = None,
+        types: Sequence[str] | str = (),
+        camera: str | None = None,
+        min_score: float | None = None,
     ) -> SearchResults:
         """Top-k images (or texts, with texts=True) by cosine similarity to a query.
 
@@ -268,8 +276,11 @@ class Collection:
         within cosine 0.94 of a better one. `generate` ("never", "auto", "always"): draw a
         picture when nothing matches well (auto: best score below `threshold`, default
         calibrated), on collections that have the diffusion fallback (vqret.Collection).
-        Returns SearchResults, a list of SearchResult with `.generated` and `.query`.
-        Bad input raises QueryError."""
+        Filters (vqret.retrieval.filters): `where` a SQL condition over the rows' columns,
+        `folder` a path prefix or glob, `after`/`before` dates of capture, `types` file types,
+        `camera` a make/model substring, `min_score` a cosine floor; the top-k is exact among
+        the images that pass. Returns SearchResults, a list of SearchResult with
+        `.generated`, `.query` and `.note`. Bad input raises QueryError."""
         if isinstance(query, Query):
             return self.run(query)
         given: list[Term] = list(terms)
@@ -281,9 +292,16 @@ class Collection:
             given.append(Term.like(like))
         if embedding is not None:
             given.append(Term.embedding(embedding))
+        filters = None
+        if any(v not in (None, ()) for v in (where, folder, after, before, types, camera,
+                                              min_score)):
+            from .filters import Filters
+
+            filters = Filters(where=where, folder=folder, after=after, before=before,
+                              types=types, camera=camera, min_score=min_score)
         return self.run(build_query(
             query, terms=given, k=k, table=TEXTS if texts else IMAGES, dedupe=dedupe,
-            generate=generate, threshold=threshold, seed=seed,
+            generate=generate, threshold=threshold, seed=seed, filters=filters,
         ))
 
     def run(self, query: Query) -> SearchResults:
@@ -295,8 +313,10 @@ class Collection:
         vqret.Collection supplies the diffusion one."""
         return None
 
-    def nearest(self, vector: np.ndarray, k: int, table: str = IMAGES) -> list[SearchResult]:
-        """The k rows of `table` nearest to a (D,) query vector, best first."""
+    def nearest(self, vector: np.ndarray, k: int, table: str = IMAGES,
+                allowed: np.ndarray | None = None) -> list[SearchResult]:
+        """The k rows of `table` nearest to a (D,) query vector, best first; only among the
+        `allowed` ids when given (exact top-k whatever their number)."""
         if k < 1:
             raise QueryError(f"k must be an integer, 1 or more, not {k}")
         index = self._search_index(table)
@@ -307,9 +327,12 @@ class Collection:
         if query.shape[1] != self.store.dim:
             raise QueryError(f"embedding has {query.shape[1]} numbers; this store has "
                              f"{self.store.dim}")
-        from .index import search_index
+        if allowed is not None:
+            scores, ids = self._search_among(index, query, k, allowed)
+        else:
+            from .index import search_index
 
-        scores, ids = search_index(index, query, k)
+            scores, ids = search_index(index, query, k)
         # ids whose row is gone (an index of an earlier generation, mid-run) are dropped
         rows = self._lookup(table)
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i in rows]
@@ -323,6 +346,46 @@ class Collection:
             path = paths[image_id]["path"] if image_id in paths else None
             results.append(SearchResult(rank, i, path, score, rows[i]["text"], image_id))
         return results
+
+    def _search_among(self, index: Any, query: np.ndarray, k: int,
+                      allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of the allowed rows (a filtered search)."""
+        present, vectors = self._row_vectors(allowed)
+        allowed = np.asarray(allowed, np.int64)[present]
+        if len(allowed) == 0:
+            return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
+        scores = vectors @ query[0]
+        top = min(k, len(scores))
+        best = np.argpartition(-scores, top - 1)[:top] if top < len(scores) else \
+            np.arange(len(scores))
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return scores[best][None], allowed[best][None]
+
+    def passing_ids(self, filters: Any) -> np.ndarray:
+        """int64 ids of the images that pass `filters`' row filters (vqret.retrieval.filters:
+        sandboxed DuckDB over the rows)."""
+        if self._row_filter is None:
+            from .filters import RowFilter
+
+            self._row_filter = RowFilter()
+        self.store.refresh()
+        return self._row_filter.passing_ids(self.store, filters)
+
+    def _row_vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(present[len(ids)] bool, (n_present, D) embeddings) from the rows, which are read
+        once per store generation."""
+        generation = self.store.generation
+        if self._vectors is None or self._vectors[0] != generation:
+            all_ids, vectors = self.store.vectors()
+            order = np.argsort(all_ids)
+            self._vectors = (generation, all_ids[order], vectors[order])
+        _, all_ids, vectors = self._vectors
+        wanted = np.asarray(ids, np.int64)
+        if len(all_ids) == 0:
+            return np.zeros(len(wanted), bool), vectors[:0]
+        pos = np.minimum(np.searchsorted(all_ids, wanted), len(all_ids) - 1)
+        present = all_ids[pos] == wanted
+        return present, vectors[pos[present]]
 
     def stored_vectors(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), D) stored embeddings of indexed images (more like this, dedupe)."""
@@ -339,19 +402,11 @@ class Collection:
             raise
         except Exception:  # noqa: BLE001 - an index that can't give vectors back: read the rows
             pass
-        generation = self.store.generation
-        if self._vectors is None or self._vectors[0] != generation:
-            all_ids, vectors = self.store.vectors()
-            order = np.argsort(all_ids)
-            self._vectors = (generation, all_ids[order], vectors[order])
-        _, all_ids, vectors = self._vectors
-        wanted = np.asarray(ids, np.int64)
-        pos = np.minimum(np.searchsorted(all_ids, wanted), max(len(all_ids) - 1, 0))
-        missing = [int(i) for i, p in zip(wanted, pos, strict=True)
-                   if len(all_ids) == 0 or all_ids[p] != i]
-        if missing:
-            raise QueryError(f"no image with id {missing[0]} in this store", status=404)
-        return vectors[pos]
+        present, vectors = self._row_vectors(ids)
+        if not present.all():
+            missing = int(np.asarray(ids, np.int64)[~present][0])
+            raise QueryError(f"no image with id {missing} in this store", status=404)
+        return vectors
 
     # ---- text queries without torch (text_queries.py) -------------------------------------
     @property

@@ -97,9 +97,9 @@ def run_query(
     vector = query_vector(collection, query, embedder=embedder, fetch_url=fetch_url,
                           lock=lock, max_image_pixels=max_image_pixels)
     with lock:
-        hits = nearest_hits(collection, query, vector)
-    outcome = None
-    if query.generate != "never" and query.table == IMAGES and fallback is not None:
+        hits, note = nearest_hits(collection, query, vector)
+    outcome = FallbackOutcome(None, note) if note else None
+    if query.generate != "never" and query.table == IMAGES and fallback is not None and not note:
         outcome = fallback(collection, query, vector, hits)
     return SearchResults(hits, query, vector, outcome)
 
@@ -147,21 +147,41 @@ def query_vector(
     return combine(np.stack(vectors), [t.weight for t in query.terms])
 
 
-def nearest_hits(collection: Collection, query: Query, vector: np.ndarray) -> list:
-    """The top-k SearchResults for a unit vector, after "more like this" and dedupe filters."""
+def nearest_hits(collection: Collection, query: Query,
+                 vector: np.ndarray) -> tuple[list, str | None]:
+    """The top-k SearchResults for a unit vector, after the filters, "more like this" and
+    dedupe; and a one-line note when the filters leave nothing to rank."""
     from .collection import SearchResult
 
     excluded = set(query.like_ids) if query.table == IMAGES else set()
     fetch = max(query.k, query.fetch or query.k)
     if query.dedupe:
         fetch = max(fetch, query.k * DEDUP_FETCH_FACTOR)
-    results = collection.nearest(vector, fetch + len(excluded), table=query.table)
+    filters = query.filters
+    allowed = None
+    if filters is not None and filters.selects_rows:
+        allowed = collection.passing_ids(filters)
+        if len(allowed) == 0:
+            return [], f"no image passes the filters ({_said(filters)}): nothing to rank"
+    results = collection.nearest(vector, fetch + len(excluded), table=query.table,
+                                 allowed=allowed)
     results = [r for r in results if r.id not in excluded]
+    if filters is not None and filters.min_score is not None:
+        results = [r for r in results if r.score >= filters.min_score]
     if query.dedupe and len(results) > 1:
         stored = collection.stored_vectors([r.id for r in results])
         results = [r for r, keep in zip(results, unique_mask(stored), strict=True) if keep]
-    return [SearchResult(rank, r.id, r.path, r.score, r.text, r.image_id)
+    hits = [SearchResult(rank, r.id, r.path, r.score, r.text, r.image_id)
             for rank, r in enumerate(results[: query.k], start=1)]
+    note = None
+    if not hits and filters is not None and filters.min_score is not None:
+        note = f"no result scores {filters.min_score} or more"
+    return hits, note
+
+
+def _said(filters: Any) -> str:
+    return ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
+                     for k, v in filters.describe().items())
 
 
 def unique_mask(vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> np.ndarray:

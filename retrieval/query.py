@@ -146,6 +146,7 @@ class Query:
     threshold: float | None = None  # auto's cut-off (None: calibrated on the collection)
     fetch: int | None = None  # look at this many neighbours before dedupe/exclusion (>= k)
     seed: int = 0  # the generated picture's noise
+    filters: Any = None  # a vqret.retrieval.filters.Filters: which images may be results
     options: dict[str, Any] = field(default_factory=dict, compare=False)  # surface extras
 
     def __post_init__(self) -> None:
@@ -177,6 +178,13 @@ class Query:
             raise QueryError(f"threshold must be a number, not {self.threshold!r}")
         if self.fetch is not None and (not isinstance(self.fetch, int) or self.fetch < 1):
             raise QueryError(f"fetch must be an integer, 1 or more, not {self.fetch!r}")
+        if self.filters is not None:
+            from .filters import Filters
+
+            if not isinstance(self.filters, Filters):
+                raise QueryError(f"filters must be a Filters, not {type(self.filters).__name__}")
+            if self.table == TEXTS and self.filters.selects_rows:
+                raise QueryError("filters restrict images: they can't apply to the texts table")
 
     @property
     def like_ids(self) -> list[int]:
@@ -210,6 +218,8 @@ class Query:
         out: dict[str, Any] = {"terms": [t.describe() for t in self.terms], "k": self.k,
                                "table": self.table, "dedupe": self.dedupe,
                                "generate": self.generate}
+        if self.filters is not None and self.filters.describe():
+            out["filters"] = self.filters.describe()
         if len(self.terms) == 1:  # one term: also its kind at the top, as before
             out.update({k: v for k, v in self.terms[0].describe().items() if k != "weight"})
         return out

@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from vqret.diffusion.fallback import generated_folder
+from vqret.retrieval.filters import Filters
 from vqret.retrieval.one_line import first_line
 from vqret.retrieval.query import IMAGES, TEXTS, QueryError
 
@@ -228,6 +229,7 @@ class _Api:
                 raise RequestError(400, f"threshold must be a number, not {threshold!r}") from None
         seed = parse_int(_given(fields, "seed", 0), "seed", minimum=0)
         return {
+            "filters": _filters(fields.get("filters")),
             "k": k,
             "table": table,
             "dedupe": _flag(fields.get("deduplicate")) or _flag(fields.get("dedupe")),
@@ -311,6 +313,39 @@ class _Api:
             raise RequestError(404, f"no generated image {name!r} in store {served.name!r}")
         return FileResponse(folder / name, media_type="image/png",
                             headers={"Cache-Control": "no-cache"})
+
+
+FILTER_FIELDS = {"where": "where", "in": "folder", "folder": "folder", "after": "after",
+                 "before": "before", "type": "types", "types": "types", "camera": "camera",
+                 "min_score": "min_score"}
+
+
+def _filters(value: Any) -> Filters | None:
+    """`filters`: {"where", "in", "after", "before", "type", "camera", "min_score"} (or its
+    JSON text, from a query string or a form) -> Filters. The SQL runs sandboxed."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RequestError(400, "filters is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise RequestError(400, 'filters must be an object like {"after": "2023-07-01"}')
+    unknown = sorted(set(value) - set(FILTER_FIELDS))
+    if unknown:
+        raise RequestError(400, f"unknown filter {unknown[0]!r}: use one of "
+                           f"{', '.join(sorted(FILTER_FIELDS))}")
+    given = {FILTER_FIELDS[k]: v for k, v in value.items() if v is not None and v != ""}
+    if isinstance(given.get("types"), list):
+        given["types"] = tuple(str(t) for t in given["types"])
+    min_score = given.get("min_score")
+    if isinstance(min_score, str):
+        try:
+            given["min_score"] = float(min_score)
+        except ValueError:
+            raise RequestError(400, f"min_score must be a number, not {min_score!r}") from None
+    return Filters(**given)
 
 
 def _result_row(r: Any, prefix: str) -> dict[str, Any]:
