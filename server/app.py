@@ -211,7 +211,7 @@ class _Api:
                 "took_ms": round((time.perf_counter() - started) * 1000, 2),
                 "results": [_result_row(r, prefix) for r in results],
                 "generated": _generated(results.generated, served.name, root),
-                "generation_note": results.note,
+                "note": results.note,  # one line: why nothing was drawn, or nothing passed
             }
         )
 

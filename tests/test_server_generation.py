@@ -52,7 +52,7 @@ def test_generated_carries_the_picture_and_its_facts(drawing_store):
                 assert r.status_code == 404 and "error" in r.json()
             # a matching query under auto draws nothing, and says why
             body = http.post("api/search", json={"q": "a red circle", "threshold": 0.0}).json()
-            assert body["generated"] is None and "no image generated" in body["generation_note"]
+            assert body["generated"] is None and "no image generated" in body["note"]
     finally:
         app.state.service.close()
 

@@ -209,3 +209,29 @@ def test_the_page_reads_query_syntax_and_shows_a_generated_card(drawing_site, br
     assert len(card_ids(page)) == 21  # the 20 results, and the picture before them
     assert not problems, problems
     page.close()
+
+
+def test_the_filter_bar_restricts_the_search(site, browser):
+    url, collection = site
+    page, problems = open_page(browser, url, timeout_ms=15_000)
+    page.fill("#q", "a red circle")
+    page.press("#q", "Enter")
+    page.wait_for_function("() => document.querySelectorAll('#grid .card').length === 20")
+    # a glob on the path: only stars, though the query asks for circles
+    page.fill("#f-in", "*star*")
+    page.press("#f-in", "Enter")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.includes('filtered')")
+    shown = paths_of(collection, card_ids(page))
+    assert shown and all("star" in p for p in shown), shown
+    assert "in=*star*" in page.evaluate("decodeURIComponent(location.search)")
+    # nothing passes: no cards, and the note says why
+    page.fill("#f-type", "gif")
+    page.press("#f-type", "Enter")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.includes('no image passes')")
+    assert card_ids(page) == []
+    page.click("#f-clear")
+    page.wait_for_function("() => document.querySelectorAll('#grid .card').length === 20")
+    assert not problems, problems
+    page.close()

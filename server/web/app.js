@@ -40,12 +40,14 @@ async function search(kind, value, label) {
   const ticket = ++latest;
   const k = Number(kSelect.value);
   const store = storeSelect.value || undefined;
+  const filters = currentFilters();
   let request;
   if (kind === 'image') {
     const body = new FormData();
     body.append('image', value, value.name || 'query.png');
     body.append('k', String(k));
     if (store) body.append('store', store);
+    if (filters) body.append('filters', JSON.stringify(filters));
     request = { method: 'POST', body };
   } else {
     // text goes as q: the query syntax ("cat - grass + 0.5:dog"), read by the server
@@ -53,7 +55,7 @@ async function search(kind, value, label) {
     request = {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ ...query, k, store }),
+      body: JSON.stringify({ ...query, k, store, filters }),
     };
   }
   if (previewUrl) URL.revokeObjectURL(previewUrl);
@@ -81,9 +83,11 @@ async function search(kind, value, label) {
   }
   render(data.results, data.generated);
   const n = data.results.length;
+  const within = data.query && data.query.filters ? ' · filtered' : '';
+  const note = !n && data.note ? ` · ${data.note}` : '';
   setStatus(`${n} result${n === 1 ? '' : 's'} for ${label} in ${Math.round(data.took_ms)} ms`
-    + readAs(data.query) + (data.generated ? ' · nothing matched well, so one was drawn' : ''),
-    false, preview);
+    + readAs(data.query) + within + note
+    + (data.generated ? ' · nothing matched well, so one was drawn' : ''), false, preview);
 }
 
 // How the server read a query of several terms: "read as + “cat” − “grass” × 0.5".
@@ -157,12 +161,35 @@ function likeThis(r) {
   search('like', r.id, `images like ${r.path.split('/').pop()}`);
 }
 
+// The filter bar: only the fields filled in are sent, as {"filters": {...}}.
+const filterInputs = { in: $('f-in'), after: $('f-after'), before: $('f-before'),
+  type: $('f-type'), camera: $('f-camera') };
+function currentFilters() {
+  const out = {};
+  for (const [name, el] of Object.entries(filterInputs)) {
+    if (el.value.trim()) out[name] = el.value.trim();
+  }
+  return Object.keys(out).length ? out : undefined;
+}
+function filtersChanged() {
+  if (input.value.trim()) form.requestSubmit();
+}
+for (const el of Object.values(filterInputs)) el.addEventListener('change', filtersChanged);
+$('f-clear').addEventListener('click', () => {
+  for (const el of Object.values(filterInputs)) el.value = '';
+  filtersChanged();
+});
+$('filters').addEventListener('submit', (event) => { event.preventDefault(); filtersChanged(); });
+
 function remember(kind, value, store) {
   // The address bar keeps text and "like" searches so they can be reloaded or shared.
   const params = new URLSearchParams();
   if (kind === 'text') params.set('q', value);
   if (kind === 'like') params.set('like', value);
   if (store && storeSelect.options.length > 1) params.set('store', store);
+  for (const [name, el] of Object.entries(filterInputs)) {
+    if (el.value.trim()) params.set(name, el.value.trim());
+  }
   const query = params.toString();
   history.replaceState(null, '', query ? `?${query}` : location.pathname);
 }
@@ -226,6 +253,9 @@ viewer.addEventListener('click', (event) => {
 
 loadStores().then(() => {
   const params = new URLSearchParams(location.search);
+  for (const [name, el] of Object.entries(filterInputs)) {
+    if (params.get(name)) el.value = params.get(name);
+  }
   if (params.get('q')) {
     input.value = params.get('q');
     form.requestSubmit();
