@@ -16,6 +16,8 @@ __all__ = [
     "COMPACT_ROWS",
     "IMAGES",
     "MANIFEST",
+    "METADATA_COLUMNS",
+    "READABLE_SCHEMA_VERSIONS",
     "ROW_GROUP_ROWS",
     "SCHEMA_VERSION",
     "STORE_DIRNAME",
@@ -24,15 +26,22 @@ __all__ = [
     "Failure",
     "StoreError",
     "StoreLockedError",
+    "conform",
     "embeddings_from_arrow",
     "embeddings_to_arrow",
+    "has_metadata",
     "now_utc",
     "row_schema",
     "table_schema",
     "text_schema",
 ]
 
-SCHEMA_VERSION = 1
+# 1: the rows without the metadata columns (and width, height as decoded: the JPEG draft
+#    size). 2: the metadata columns (METADATA_COLUMNS), width and height as displayed.
+# A version 1 store is read as if its rows had null metadata, and `vqret index` upgrades it:
+# the columns are written into its parts, ids and embeddings as they were (Indexer).
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 STORE_DIRNAME = ".vqret"
 MANIFEST = "manifest.json"
 IMAGES = "images"
@@ -66,6 +75,18 @@ def row_schema(dim: int) -> pa.Schema:
             pa.field("hash", pa.string()),  # blake2b-128 of the file's bytes
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
+            # From the file and its EXIF (metadata.py): the capture time as local wall-clock
+            # time, its offset east of UTC when known, and whether EXIF or the mtime said so.
+            pa.field("taken", pa.timestamp("us")),
+            pa.field("taken_offset_min", pa.int16()),
+            pa.field("taken_source", pa.string()),  # "exif" | "mtime"
+            pa.field("camera_make", pa.string()),
+            pa.field("camera_model", pa.string()),
+            pa.field("orientation", pa.int8()),  # EXIF 1..8
+            pa.field("file_type", pa.string()),  # the decoded format: jpeg, png, heif...
+            pa.field("gps_lat", pa.float64()),  # decimal degrees, north positive
+            pa.field("gps_lon", pa.float64()),  # decimal degrees, east positive
+            pa.field("folder", pa.string()),  # the path's parent; "" for the indexed root
             pa.field("embedding", pa.list_(pa.float32(), dim)),
             pa.field("added_at", pa.timestamp("us", tz="UTC")),
             # The VQ tokenizer's code grid (row-major, uint16) and the tokenizer's id; null
@@ -91,8 +112,29 @@ def text_schema(dim: int) -> pa.Schema:
     )
 
 
+METADATA_COLUMNS = (
+    "taken", "taken_offset_min", "taken_source", "camera_make", "camera_model", "orientation",
+    "file_type", "gps_lat", "gps_lon", "folder",
+)
+
+
 def table_schema(table: str, dim: int) -> pa.Schema:
     return row_schema(dim) if table == IMAGES else text_schema(dim)
+
+
+def has_metadata(schema: pa.Schema) -> bool:
+    """Whether a part's rows hold the metadata columns (schema 2), or predate them."""
+    return all(name in schema.names for name in METADATA_COLUMNS)
+
+
+def conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`rows` with `schema`'s columns, in its order: the ones a part predates as nulls."""
+    if rows.schema.names == schema.names:
+        return rows
+    for field in schema:
+        if field.name not in rows.column_names:
+            rows = rows.append_column(field, pa.nulls(rows.num_rows, field.type))
+    return rows.select(schema.names)
 
 
 def embeddings_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
