@@ -40,6 +40,8 @@ from .store_layout import (
     COMPACT_ROWS,
     IMAGES,
     MANIFEST,
+    METADATA_COLUMNS,
+    READABLE_SCHEMA_VERSIONS,
     ROW_GROUP_ROWS,
     SCHEMA_VERSION,
     STORE_DIRNAME,
@@ -48,8 +50,10 @@ from .store_layout import (
     Failure,
     StoreError,
     StoreLockedError,
+    conform,
     embeddings_from_arrow,
     embeddings_to_arrow,
+    has_metadata,
     now_utc,
     row_schema,
     table_schema,
@@ -65,6 +69,8 @@ __all__ = [
     "COMPACT_ROWS",
     "IMAGES",
     "MANIFEST",
+    "METADATA_COLUMNS",
+    "READABLE_SCHEMA_VERSIONS",
     "ROW_GROUP_ROWS",
     "SCHEMA_VERSION",
     "STORE_DIRNAME",
@@ -76,9 +82,11 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreWriter",
+    "conform",
     "embeddings_from_arrow",
     "embeddings_to_arrow",
     "find_store",
+    "has_metadata",
     "now_utc",
     "row_schema",
     "table_schema",
@@ -161,10 +169,10 @@ class Store:
         except (OSError, json.JSONDecodeError) as e:
             raise StoreError(f"{self.path / MANIFEST}: unreadable manifest ({e})") from e
         version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise StoreError(
-                f"{self.path}: store schema version {version} is not the {SCHEMA_VERSION} this "
-                "vqret reads; re-index with --rebuild"
+                f"{self.path}: store schema version {version} is not one this vqret reads "
+                f"({', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); re-index with --rebuild"
             )
         return manifest
 
@@ -204,6 +212,12 @@ class Store:
         return self.root_url or str(self.root)
 
     @property
+    def schema_version(self) -> int:
+        """1: rows without the metadata columns (read as nulls until `vqret index` adds
+        them); 2: with them (store_layout.SCHEMA_VERSION)."""
+        return int(self.manifest["schema_version"])
+
+    @property
     def failures(self) -> list[Failure]:
         return [Failure(**f) for f in self.manifest.get("failures", [])]
 
@@ -222,13 +236,17 @@ class Store:
 
     # ---- reading --------------------------------------------------------------------------
     def read_table(self, columns: list[str] | None = None, table: str = IMAGES) -> pa.Table:
-        """The committed rows of `table` (all parts the manifest lists), as one Arrow table."""
+        """The committed rows of `table` (all parts the manifest lists), as one Arrow table.
+
+        Always in the table's current schema: columns a part predates (an old store's, before
+        `vqret index` upgrades it) are read as nulls."""
+        schema = table_schema(table, self.dim)
+        if columns:
+            schema = pa.schema([schema.field(c) for c in columns])
         for attempt in range(5):
             parts = [self.path / table / name for name in self.parts(table)]
             try:
-                # ParquetFile, not pq.read_table: that one goes through pyarrow.dataset,
-                # which imports pandas (~0.6 s of a cold `vqret search`)
-                tables = [pq.ParquetFile(p).read(columns=columns) for p in parts]
+                tables = [_read_part(p, schema) for p in parts]
                 break
             except FileNotFoundError:
                 # A writer committed and removed a part between our manifest read and now.
@@ -237,9 +255,6 @@ class Store:
         else:
             raise StoreError(f"{self.path}: parts keep changing under the reader; try again")
         if not tables:
-            schema = table_schema(table, self.dim)
-            if columns:
-                schema = pa.schema([schema.field(c) for c in columns])
             return schema.empty_table()
         return pa.concat_tables(tables)
 
@@ -260,6 +275,16 @@ class Store:
     # ---- writing --------------------------------------------------------------------------
     def writer(self, wait: float = 0) -> StoreWriter:
         return StoreWriter(self, wait)
+
+
+def _read_part(path: Path, schema: pa.Schema) -> pa.Table:
+    """A part's columns of `schema`, the ones it predates as nulls."""
+    # ParquetFile, not pq.read_table: that one goes through pyarrow.dataset, which imports
+    # pandas (~0.6 s of a cold `vqret search`)
+    part = pq.ParquetFile(path)
+    held = set(part.schema_arrow.names)
+    rows = part.read(columns=[name for name in schema.names if name in held])
+    return conform(rows, schema)
 
 
 def _root_for_manifest(root: Path | str, store: Path) -> str:
