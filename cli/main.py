@@ -281,7 +281,15 @@ def info(
         print(json.dumps(facts, indent=2))
         return
     for key, value in facts.items():
-        if isinstance(value, dict):  # index, codes
+        if key == "metadata":  # each column's coverage, as a share of the rows
+            out.print(f"[bold]{key:>15}[/]")
+            for name, fact in value.items():
+                if isinstance(fact, dict):
+                    fact = ", ".join(f"{k} {n}" for k, n in fact.items()) or "none"
+                elif name != "folders" and facts["images"]:
+                    fact = f"{fact} ({100 * fact / facts['images']:.0f}%)"
+                out.print(f"{name:>19}  {fact}", highlight=False, markup=False)
+        elif isinstance(value, dict):  # index, codes
             out.print(f"[bold]{key:>15}[/]")
             for name, fact in value.items():
                 out.print(f"{name:>19}  {fact}", highlight=False, markup=False)

@@ -23,6 +23,7 @@ from PIL import Image
 from .content_hash import file_sha256
 from .device import resolve_device
 from .images import ImageLoadError, load_image
+from .metadata import ImageFacts, read_facts
 from .model_spec import ModelConfigError, ModelSpec, WeightsUnavailableError
 from .one_line import first_line
 from .weights import (
@@ -111,7 +112,11 @@ def _causal_text_tower(model: torch.nn.Module):
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes and preprocesses one file per item; failures travel as data, not exceptions."""
+    """Decodes and preprocesses one file per item; failures travel as data, not exceptions.
+
+    Each decoded file's header facts (EXIF capture time, camera, displayed size...) are read
+    here too, in the worker: a second open of the header, from the page cache (~0.1-0.3 ms a
+    file against a few ms to decode and embed it), or from the bytes the Ray actors hold."""
 
     def __init__(self, paths: Sequence[str], transform: Callable, draft_size: int | None):
         self.paths = paths
@@ -125,11 +130,11 @@ class _ImageFiles(torch.utils.data.Dataset):
         try:
             image = load_image(self.paths[i], draft_size=self.draft)
             size = image.size
-            return i, self.transform(image), size, None
+            return i, self.transform(image), size, None, read_facts(self.paths[i])
         except ImageLoadError as e:
-            return i, None, (0, 0), e.cause
+            return i, None, (0, 0), e.cause, None
         except Exception as e:  # noqa: BLE001 - a decoder bug must not end the whole run
-            return i, None, (0, 0), f"{type(e).__name__}: {e}".splitlines()[0]
+            return i, None, (0, 0), f"{type(e).__name__}: {e}".splitlines()[0], None
 
 
 def _collate(items):
@@ -140,6 +145,7 @@ def _collate(items):
         pixels,
         [it[2] for it in good],
         [(it[0], it[3]) for it in items if it[1] is None],
+        [it[4] for it in good],
     )
 
 
@@ -149,12 +155,15 @@ class ImageBatch:
 
     indices: list[int]  # positions in the input list
     embeddings: np.ndarray  # (B, D) float32, L2-normalised
-    sizes: list[tuple[int, int]]  # (width, height) of each decoded image
+    sizes: list[tuple[int, int]]  # (width, height) of each decoded image (a JPEG's draft)
     failures: list[tuple[int, str]]  # (position, cause) of files that didn't decode
     # content hash of each decoded file, from an embedder that hashes what it reads
     # (`hashes_what_it_reads`, the Ray engine's): the Indexer then skips its own hash pass
     # on a first run
     hashes: list[str] | None = None
+    # each decoded file's header facts (metadata.py): the rows' metadata columns; None from an
+    # embedder that doesn't read them (the Indexer then reads them itself)
+    facts: list[ImageFacts] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,10 +363,10 @@ class Embedder:
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
         )
-        for indices, pixels, sizes, failures in loader:
+        for indices, pixels, sizes, failures, facts in loader:
             embeddings = (
                 self.encode_pixels(pixels)
                 if pixels is not None
                 else np.zeros((0, self.embed_dim), np.float32)
             )
-            yield ImageBatch(indices, embeddings, sizes, failures)
+            yield ImageBatch(indices, embeddings, sizes, failures, facts=facts)

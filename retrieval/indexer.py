@@ -9,6 +9,11 @@ Per file, cheapest test first (as rclip does, but with a whole-file hash):
 Rows of files no longer present are removed. Metadata-only changes are committed first, then
 embeddings in batches, so a run killed at any point loses at most the batch in flight.
 
+Each row carries the metadata columns of its file (capture time, camera, GPS...: metadata.py):
+read beside the decode for the files embedded, kept from the row for a rename or a copy (same
+bytes, same EXIF). A store made before them (schema 1) gets them first, a part per commit,
+without re-embedding anything (`_upgrade`).
+
 The plan is made on Arrow and numpy columns (listing.py); new and changed files are hashed by
 a Hasher (hasher.py: this process's threads, or the Ray engine's tasks).
 """
@@ -17,26 +22,40 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .embedder import Embedder
 from .hasher import Hasher, hash_here, hash_in_order
 from .index import update_after_write
 from .listing import NamedPaths, column, first_equal, ints, listing_table, mask, positions
+from .metadata import (
+    FactsReader,
+    ImageFacts,
+    facts_in_order,
+    facts_table,
+    metadata_columns,
+    read_facts,
+    read_facts_here,
+    stored_facts,
+)
 from .remote import FsspecSource, is_url
 from .store import (
     IMAGES,
+    METADATA_COLUMNS,
+    SCHEMA_VERSION,
     TEXTS,
     Failure,
     Store,
     StoreWriter,
     embeddings_to_arrow,
+    has_metadata,
     now_utc,
     row_schema,
 )
@@ -54,6 +73,7 @@ class IndexReport:
     renamed: int = 0
     unchanged: int = 0
     embedded: int = 0  # images that went through the model
+    upgraded: int = 0  # old rows given their metadata columns (a schema 1 store's upgrade)
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     index: dict[str, Any] = field(default_factory=dict)  # the search index's plan
@@ -67,6 +87,7 @@ class IndexReport:
             "renamed": self.renamed,
             "unchanged": self.unchanged,
             "embedded": self.embedded,
+            "upgraded": self.upgraded,
             "failed": [f.to_dict() for f in self.failed],
             "texts": {k: v for k, v in self.texts.items() if k != "failed"},
             "seconds": round(self.seconds, 3),
@@ -90,6 +111,7 @@ class Indexer:
         index_updater: Callable[..., Any] = update_after_write,
         source: Any | None = None,
         hasher: Hasher | None = None,
+        facts_reader: FactsReader | None = None,
     ):
         self.store = store
         self.embedder = embedder
@@ -110,6 +132,9 @@ class Indexer:
         # Where new and changed files are hashed: None for 4 threads on this process, or a
         # Hasher that reads them elsewhere (the Ray engine's: the driver reads no image).
         self.hasher = hasher
+        # Where an old store's rows have their files' headers read when it is upgraded: None
+        # for a few threads on this process, or the Ray engine's tasks.
+        self.facts_reader = facts_reader
         self.report = IndexReport()
 
     def _fail(self, path: str, error: str) -> None:
@@ -121,6 +146,7 @@ class Indexer:
     def run(self, writer: StoreWriter) -> IndexReport:
         """Bring the rows in line with the folder, then the search index with the rows."""
         start = time.perf_counter()
+        self._upgrade(writer)
         # The plan's columns live in _sync_rows' frame: let go before the index is built,
         # which at 100M rows needs the memory as much as the plan did.
         self._sync_rows(writer)
@@ -135,6 +161,35 @@ class Indexer:
             update_after_write(writer, TEXTS)
         self.report.seconds = time.perf_counter() - start
         return self.report
+
+    def _upgrade(self, writer: StoreWriter) -> None:
+        """Schema 1 -> 2: the metadata columns written into the rows without them, a part per
+        commit, from each row's file (its header, read by `self.facts_reader`) or, for a file
+        gone or unreadable, from what the row knows (path, mtime, size as stored). Ids,
+        embeddings and the search index stay as they were; a run killed halfway resumes at
+        the parts not done. Width and height become the displayed size too (schema 1 had
+        the JPEG draft's). A file changed since its row was made is re-embedded right after,
+        by the sync, with its new header."""
+        reader = self.facts_reader or read_facts_here
+        name = self._namer()
+        for part in _parts_lacking_metadata(self.store):
+            rows = self.store.read_part(part, ["path", "mtime_ns", "width", "height",
+                                               *METADATA_COLUMNS])
+            todo = pc.is_null(rows["taken_source"]).combine_chunks()  # rows written without
+            at = pa.array(np.flatnonzero(mask(todo)), pa.int64())
+            paths, mtimes = rows["path"].take(at), rows["mtime_ns"].take(at)
+            facts = facts_table(facts_in_order(reader, [name(p) for p in paths.to_pylist()]))
+            for side in ("width", "height"):  # a file that can't be read: its size as stored
+                known = pc.coalesce(facts[side], rows[side].take(at))
+                facts = facts.set_column(facts.schema.get_field_index(side), side, known)
+            new = metadata_columns(facts, paths, mtimes, self.store.root_url)
+            writer.set_part_columns(part, {
+                c: pc.replace_with_mask(rows[c].combine_chunks(), todo, new[c].cast(rows[c].type))
+                for c in new
+            })
+            self.report.upgraded += len(at)
+        if self.store.schema_version < SCHEMA_VERSION:
+            writer.commit(schema_version=SCHEMA_VERSION)
 
     def _sync_rows(self, writer: StoreWriter) -> None:
         """Plan the run on Arrow and numpy columns, not a Python object per row: the driver
@@ -330,6 +385,9 @@ class Indexer:
             "mtime_ns": listed["mtime_ns"],
             "hash": hashes.take(at),
             "added_at": pa.concat_arrays([added_at, now]),
+            # same bytes, same header: the stored facts, with the new path's folder and mtime
+            **metadata_columns(stored_facts(rows), listed["path"], listed["mtime_ns"],
+                               self.store.root_url),
         }
         for name in schema.names:  # the rest as stored: same bytes, same size, codes...
             if name not in columns:
@@ -344,8 +402,8 @@ class Indexer:
         if not total:
             return
         paths = NamedPaths(todo.listing["path"], todo.file_at[todo.pending], self._namer())
-        # (pending index, embedding, (width, height), content hash if the embedder gave one)
-        buffer: list[tuple[int, np.ndarray, tuple[int, int], str | None]] = []
+        # (pending index, embedding, header facts, content hash if the embedder gave one)
+        buffer: list[tuple[int, np.ndarray, ImageFacts, str | None]] = []
         failed: list[int] = []
         last_commit = time.monotonic()
         done = 0
@@ -354,13 +412,12 @@ class Indexer:
             nonlocal buffer, last_commit
             if not buffer:
                 return
-            rows, vectors, widths, heights, read_hashes = [], [], [], [], []
-            for i, vec, (w, h), content in buffer:
-                for j in todo.with_copies(i):
+            rows, vectors, facts, read_hashes = [], [], [], []
+            for i, vec, header, content in buffer:
+                for j in todo.with_copies(i):  # a copy: the same bytes, the same header
                     rows.append(j)
                     vectors.append(vec)
-                    widths.append(w)
-                    heights.append(h)
+                    facts.append(header)
                     read_hashes.append(content)
             at = np.asarray(rows, np.int64)
             files = todo.listing.take(pa.array(todo.file_at[at], pa.int64()))
@@ -374,8 +431,8 @@ class Indexer:
                     "mtime_ns": files["mtime_ns"],
                     # the hash the plan used, or the one the embedder took while reading
                     "hash": pc.coalesce(planned, pa.array(read_hashes, pa.large_string())),
-                    "width": pa.array(widths, pa.int32()),
-                    "height": pa.array(heights, pa.int32()),
+                    **metadata_columns(facts_table(facts), files["path"], files["mtime_ns"],
+                                       self.store.root_url),
                     "embedding": embeddings_to_arrow(np.stack(vectors)),
                     "added_at": pa.array([now_utc()] * len(at), pa.timestamp("us", "UTC")),
                 }
@@ -392,7 +449,7 @@ class Indexer:
                 failed.append(i)
             for j, i in enumerate(batch.indices):
                 content = batch.hashes[j] if batch.hashes is not None else None
-                buffer.append((i, batch.embeddings[j], batch.sizes[j], content))
+                buffer.append((i, batch.embeddings[j], _facts(batch, j, paths, i), content))
             done += len(batch.indices) + len(batch.failures)
             self.report.embedded += len(batch.indices)
             if self.on_progress:
@@ -408,6 +465,38 @@ class Indexer:
                     self.report.updated -= 1
                 else:
                     self.report.added -= 1
+
+
+def _facts(batch: Any, j: int, paths: NamedPaths, i: int) -> ImageFacts:
+    """The header facts of a batch's j-th file (paths[i]): as the embedder read them beside
+    the decode, or read here from an embedder that doesn't; the decoded size where the header
+    has none."""
+    given = getattr(batch, "facts", None)
+    facts = given[j] if given is not None else read_facts(paths[i])
+    if facts.width is None:
+        facts = replace(facts, width=batch.sizes[j][0], height=batch.sizes[j][1])
+    return facts
+
+
+def _parts_lacking_metadata(store: Store) -> list[str]:
+    """The image parts with rows that have no metadata (a schema 1 store's, or rows committed
+    without): told by each part's Parquet statistics, without reading its rows."""
+    lacking = []
+    for part in store.parts(IMAGES):
+        path = store.path / IMAGES / part
+        meta = pq.ParquetFile(path).metadata
+        if not has_metadata(meta.schema.to_arrow_schema()):
+            lacking.append(part)
+            continue
+        leaf = [meta.schema.column(k).path for k in range(meta.num_columns)].index("taken_source")
+        stats = [meta.row_group(g).column(leaf).statistics for g in range(meta.num_row_groups)]
+        if any(s is None or not s.has_null_count for s in stats):
+            nulls = store.read_part(part, ["taken_source"])["taken_source"].null_count
+        else:
+            nulls = sum(s.null_count for s in stats)
+        if nulls:
+            lacking.append(part)
+    return lacking
 
 
 @dataclass

@@ -292,12 +292,12 @@ def facts_table(facts: Sequence[ImageFacts]) -> pa.Table:
 def stored_facts(rows: pa.Table) -> pa.Table:
     """The facts rows already hold (FACTS_SCHEMA): a renamed, touched or copied file has the
     same bytes as its row, so the same header; only what the path and mtime decide changes."""
-    exif = pc.equal(rows["taken_source"], "exif")
+    exif = _one_array(pc.equal(rows["taken_source"], "exif"))
     columns = {}
     for f in FACTS_SCHEMA:
-        column = rows[f.name].cast(f.type)
+        column = _one_array(rows[f.name]).cast(f.type)
         if f.name in ("taken", "taken_offset_min"):  # an mtime fallback is no fact
-            column = pc.if_else(exif, column, pa.nulls(len(rows), f.type))
+            column = pc.if_else(exif, column, pa.scalar(None, f.type))
         columns[f.name] = column
     return pa.table(columns, schema=FACTS_SCHEMA)
 
@@ -306,26 +306,24 @@ def metadata_columns(
     facts: pa.Table, path: pa.Array | pa.ChunkedArray, mtime_ns: pa.Array | pa.ChunkedArray,
     root_url: str | None = None,
 ) -> dict[str, pa.Array]:
-    """The image table's metadata columns (METADATA_COLUMNS, plus width and height) of rows with
-    these facts (FACTS_SCHEMA), paths and mtimes; `root_url`: the store's root when the paths
-    are full URLs under it."""
-    n = len(facts)
+    """The image table's metadata columns (store_layout.METADATA_COLUMNS, plus width and
+    height) of rows with these facts (FACTS_SCHEMA), paths and mtimes; `root_url`: the
+    store's root when the paths are full URLs under it."""
+    fact = {name: _one_array(facts[name]) for name in FACT_COLUMNS}
     path = _one_array(path).cast(pa.string())
-    exif = pc.is_valid(facts["taken"])
-    local, offsets = _local_times(_one_array(mtime_ns))
-    file_type = pc.coalesce(facts["file_type"], _extension_types(path))
+    exif = pc.is_valid(fact["taken"])
+    local, offset = _local_times(_one_array(mtime_ns).cast(pa.int64()))
     out = {
-        "taken": pc.if_else(exif, facts["taken"], local),
-        "taken_offset_min": pc.if_else(exif, facts["taken_offset_min"], offsets),
+        "taken": pc.if_else(exif, fact["taken"], local),
+        "taken_offset_min": pc.if_else(exif, fact["taken_offset_min"], offset),
         "taken_source": pc.if_else(exif, pa.scalar("exif"), pa.scalar("mtime")),
-        "file_type": file_type,
+        "file_type": pc.coalesce(fact["file_type"], _extension_types(path)),
         "folder": folder_of(path, root_url),
     }
     for name in ("width", "height", "orientation", "camera_make", "camera_model", "gps_lat",
                  "gps_lon"):
-        out[name] = facts[name]
-    return {name: _one_array(column) if n else pa.array([], column.type)
-            for name, column in out.items()}
+        out[name] = fact[name]
+    return out
 
 
 def folder_of(path: pa.Array, root_url: str | None = None) -> pa.Array:
@@ -339,7 +337,7 @@ def folder_of(path: pa.Array, root_url: str | None = None) -> pa.Array:
 
 def _extension_types(path: pa.Array) -> pa.Array:
     """The file type a path's extension names: for rows whose header can't be read."""
-    ext = pc.utf8_lower(pc.extract_regex(path, r"\.(?P<ext>[^./]+)$").field("ext"))
+    ext = pc.utf8_lower(pc.replace_substring_regex(path, r"^.*\.([^./]+)$|^.*$", r"\1"))
     for alias, name in _FORMATS.items():
         ext = pc.if_else(pc.equal(ext, alias), pa.scalar(name), ext)
     return pc.if_else(pc.equal(ext, ""), pa.scalar(None, pa.string()), ext)

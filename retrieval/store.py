@@ -258,6 +258,15 @@ class Store:
             return schema.empty_table()
         return pa.concat_tables(tables)
 
+    def read_part(
+        self, part: str, columns: list[str] | None = None, table: str = IMAGES
+    ) -> pa.Table:
+        """One part's rows, in the table's current schema as read_table gives them."""
+        schema = table_schema(table, self.dim)
+        if columns:
+            schema = pa.schema([schema.field(c) for c in columns])
+        return _read_part(self.path / table / part, schema)
+
     def vectors(self, table: str = IMAGES) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 (N,), embeddings float32 (N, D)) of the committed rows of `table`."""
         rows = self.read_table(["id", "embedding"], table)

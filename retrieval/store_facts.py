@@ -1,4 +1,5 @@
-"""`vqret info`'s facts about a store: its model, counts, index plan, text encoder and codes.
+"""`vqret info`'s facts about a store: its model, counts, index plan, text encoder, codes and
+how many rows each metadata column covers.
 
 Read from the manifest and the rows only: no model loads.
 """
@@ -30,7 +31,38 @@ def store_facts(store: Store) -> dict[str, Any]:
         "index": _index_facts(store),
         "text_encoder": _text_encoder_fact(store),
         "codes": _codes_facts(store),
+        "metadata": metadata_coverage(store),
         "failures": m.get("failures", []),
+    }
+
+def metadata_coverage(store: Store) -> dict[str, Any]:
+    """How many rows each metadata column covers: a capture time from EXIF (with its offset)
+    or the mtime, a camera, a GPS position, an orientation; the file types and folders."""
+    import pyarrow.compute as pc
+
+    rows = store.read_table(["taken_source", "taken_offset_min", "camera_make", "camera_model",
+                             "orientation", "file_type", "gps_lat", "folder"])
+    source = rows["taken_source"]
+    exif = pc.equal(source, "exif")
+
+    def count(values) -> int:
+        return int(pc.sum(pc.fill_null(values, False)).as_py() or 0)
+
+    types = pc.value_counts(rows["file_type"].drop_null()).to_pylist() if len(rows) else []
+    return {
+        "taken_exif": count(exif),
+        "taken_exif_offset": count(pc.and_(exif, pc.is_valid(rows["taken_offset_min"]))),
+        "taken_mtime": count(pc.equal(source, "mtime")),
+        "camera": count(pc.or_(pc.is_valid(rows["camera_make"]),
+                               pc.is_valid(rows["camera_model"]))),
+        "gps": count(pc.is_valid(rows["gps_lat"])),
+        "orientation": count(pc.is_valid(rows["orientation"])),
+        "file_types": {t["values"]: t["counts"]
+                       for t in sorted(types, key=lambda t: (-t["counts"], t["values"]))},
+        "folders": len(pc.unique(rows["folder"].drop_null())),
+        # rows of a store made before the columns (or committed without them): `vqret index`
+        # adds them without re-embedding
+        "missing": source.null_count,
     }
 
 def _text_encoder_fact(store: Store) -> str:

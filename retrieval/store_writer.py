@@ -29,6 +29,7 @@ from .store_layout import (
     TABLES,
     Failure,
     StoreLockedError,
+    conform,
     now_utc,
     table_schema,
 )
@@ -216,7 +217,7 @@ class StoreWriter:
             if not np.isin(self._ids_of(table, part), wanted).any():
                 new_parts.append(part)
                 continue
-            data = pq.read_table(self.store.path / table / part)
+            data = conform(pq.read_table(self.store.path / table / part), schema)
             position = pc.index_in(data.column("id"), value_set=ids)  # null: not updated
             hit = pc.is_valid(position)
             take = pc.fill_null(position, 0)
@@ -232,6 +233,32 @@ class StoreWriter:
         )
         return updated
 
+    def set_part_columns(
+        self, part: str, columns: dict[str, pa.Array], table: str = IMAGES,
+        **manifest_updates: Any,
+    ) -> None:
+        """Set columns of every row of one part (values in its row order), adding columns the
+        part predates, in one atomic commit: the part is rewritten in its place in the list,
+        its ids and embeddings copied as they are, so the search index stays valid. The
+        schema upgrade of an old store (Indexer) goes a part at a time through here: a run
+        killed halfway keeps the parts done."""
+        schema = table_schema(table, self.store.dim)
+        frozen = {"id", "embedding"} & set(columns)
+        unknown = [c for c in columns if c not in schema.names]
+        if frozen or unknown:
+            raise ValueError(f"set_part_columns can't set {sorted(frozen) + unknown}")
+        data = conform(pq.read_table(self.store.path / table / part), schema)
+        for name, values in columns.items():
+            if len(values) != data.num_rows:
+                raise ValueError(f"set_part_columns: {len(values)} values of {name} for "
+                                 f"{data.num_rows} rows")
+            field = schema.field(name)
+            data = data.set_column(schema.get_field_index(name), field, values.cast(field.type))
+        new = self._write_part(table, data)
+        parts = [new if p == part else p for p in self.store.parts(table)]
+        self._publish(table, parts, [part], self.store.count(table), None, manifest_updates,
+                      vectors_changed=False)
+
     def compact(self, table: str = IMAGES, max_rows: int = COMPACT_ROWS) -> None:
         """Merge small parts (fewer than max_rows rows together) into one."""
         parts = self.store.parts(table)
@@ -244,7 +271,10 @@ class StoreWriter:
                 total += n
         if len(merged) < 2:
             return
-        rows = pa.concat_tables([pq.read_table(self.store.path / table / p) for p in merged])
+        schema = table_schema(table, self.store.dim)  # an old part's missing columns: nulls
+        rows = pa.concat_tables(
+            [conform(pq.read_table(self.store.path / table / p), schema) for p in merged]
+        )
         kept = [p for p in parts if p not in merged]
         new = self._write_part(table, rows)
         self._publish(table, kept + [new], merged, self.store.count(table), None, {})

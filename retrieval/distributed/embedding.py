@@ -11,11 +11,15 @@ Ray tasks, with the interfaces the local engine's Indexer already takes.
 The actors hash the bytes they read to embed (`hashes_what_it_reads`), so a first run, which
 has no renames or copies to recognise, reads each file once; an incremental run has the new
 and changed files hashed first by `hash_files`, also on the cluster: the driver reads no image.
+The actors read each file's header facts (EXIF time, camera, GPS: metadata.py) from the same
+bytes, and `read_facts` reads those of an old store's rows in Ray tasks when the store is
+upgraded.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -29,6 +33,7 @@ from ..content_hash import stream_hash, unreadable
 from ..device import check_device_name
 from ..embedder import Embedder, ImageBatch, ModelSpec, _ImageFiles, check_precision
 from ..hasher import hash_named
+from ..metadata import ImageFacts, read_facts
 from ..remote import is_url, read_bytes
 from .cluster import cluster_resources, connect, path_blocks, quiet_ray_data, require_ray, results
 
@@ -69,16 +74,21 @@ class _EmbedWorker:
         threads = int(cfg["decode_threads"])
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
-    def _decode(self, path: str) -> tuple[Any, tuple[int, int], str | None, str]:
-        """(pixels, size, failure cause, content hash): each file is read once, into memory,
-        and hashed there, so a first run needs no separate hash pass."""
+    def _decode(
+        self, path: str
+    ) -> tuple[Any, tuple[int, int], str | None, str, ImageFacts | None]:
+        """(pixels, size, failure cause, content hash, header facts): each file is read once,
+        into memory, and hashed there, so a first run needs no separate hash pass."""
         try:
             data = read_bytes(path) if is_url(path) else Path(path).read_bytes()
         except OSError as err:
-            return None, (0, 0), unreadable(err), ""
-        # The local engine's own per-file decode: same loader, draft size, transform, causes.
-        _, pixels, size, cause = _ImageFiles([data], self.embedder.preprocess, self.draft)[0]
-        return pixels, size, cause, stream_hash(io.BytesIO(data))
+            return None, (0, 0), unreadable(err), "", None
+        # The local engine's own per-file decode: same loader, draft size, transform, causes,
+        # and the same facts, read from these bytes.
+        _, pixels, size, cause, facts = _ImageFiles(
+            [data], self.embedder.preprocess, self.draft
+        )[0]
+        return pixels, size, cause, stream_hash(io.BytesIO(data)), facts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -100,6 +110,7 @@ class _EmbedWorker:
             "height": np.asarray([d[1][1] for d in decoded], np.int32),
             "error": np.asarray([d[2] or "" for d in decoded], dtype=object),
             "hash": np.asarray([d[3] for d in decoded], dtype=object),
+            "facts": _facts_column([d[4] for d in decoded]),
             # The actor's busy time, spread over the rows: images/s per worker without the
             # start-up and queueing that the driver's clock also sees.
             "seconds": np.full(len(paths), (time.perf_counter() - started) / len(paths)),
@@ -248,6 +259,20 @@ class RayEmbedder:
             for i, digest, cause in zip(out["position"], out["hash"], out["error"], strict=True):
                 yield int(i), (str(digest) or None), (str(cause) or None)
 
+    def read_facts(self, paths: Sequence[str]) -> Iterator[tuple[int, ImageFacts]]:
+        """The Indexer's `FactsReader` on the cluster: the header facts of an old store's rows
+        (its schema upgrade) read by Ray tasks, as `hash_files` reads hashes. Yields (index
+        into paths, facts), in any order."""
+        if not len(paths):
+            return
+        ray = self._connect()
+        dataset = ray.data.from_arrow(path_blocks(paths, HASH_BLOCK_ROWS)).map_batches(
+            _facts_rows, batch_size=HASH_BATCH_ROWS, batch_format="numpy", num_cpus=1
+        )
+        for out in results(dataset, "a metadata task"):
+            for i, facts in zip(out["position"], _facts_of(out["facts"]), strict=True):
+                yield int(i), facts
+
     def _connect(self) -> Any:
         """The `ray` module, connected (started if need be), Ray Data quiet on the console."""
         ray = require_ray()
@@ -275,6 +300,24 @@ def _hash_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def _facts_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A Ray Data task: the header facts of a batch of files, on a few threads (I/O)."""
+    paths = [str(p) for p in batch["path"]]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        facts = list(pool.map(read_facts, paths))
+    return {"position": np.asarray(batch["position"], np.int64), "facts": _facts_column(facts)}
+
+
+def _facts_column(facts: Sequence[ImageFacts | None]) -> np.ndarray:
+    """Facts as one JSON text per row ("" for none): Ray Data's numpy batches carry strings
+    well, nullable columns of mixed types less so."""
+    return np.asarray([json.dumps(f.to_json()) if f else "" for f in facts], dtype=object)
+
+
+def _facts_of(column: np.ndarray) -> list[ImageFacts]:
+    return [ImageFacts.from_json(json.loads(s)) if s else ImageFacts() for s in map(str, column)]
+
+
 def _to_image_batch(out: dict[str, np.ndarray], dim: int) -> ImageBatch:
     """An actor's output batch as the local engine's ImageBatch: failed rows as failures."""
     errors = [str(e) for e in out["error"]]
@@ -289,6 +332,7 @@ def _to_image_batch(out: dict[str, np.ndarray], dim: int) -> ImageBatch:
         sizes=[(int(w), int(h)) for w, h in zip(out["width"][ok], out["height"][ok], strict=True)],
         failures=[(int(p), e) for p, e in zip(positions, errors, strict=True) if e],
         hashes=[str(h) for h in out["hash"][ok]],
+        facts=_facts_of(out["facts"][ok]),
     )
 
 

@@ -26,10 +26,12 @@ COMMIT_ROWS = 65536
 
 def indexer_options(embedder: RayEmbedder) -> dict[str, Any]:
     """What the Ray engine changes in the local engine's `Indexer`: new files are hashed on
-    the cluster, commits are bigger, and big collections build their IVF index in parallel
+    the cluster (and an old store's rows have their metadata read there when it is
+    upgraded), commits are bigger, and big collections build their IVF index in parallel
     tasks too."""
     return {
         "hasher": embedder.hash_files,
+        "facts_reader": embedder.read_facts,
         "commit_every": COMMIT_ROWS,
         "index_updater": ray_update_after_write,
     }
