@@ -131,6 +131,9 @@ def search(
     min_score: Annotated[
         float | None, typer.Option("--min-score", help="Leave out results scoring below S.")
     ] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="Row columns to show with each result: taken,camera,...")
+    ] = None,
 ) -> None:
     """Top-k images (or --texts) for a query of weighted text and image terms."""
     with clean_errors():  # a bad query: one line, exit 2 (cli/errors.py)
@@ -140,7 +143,7 @@ def search(
                           types=types or (), camera=camera, min_score=min_score)
         parsed = _query(query, image, add, subtract, like, embedding, k=k, texts=texts,
                         dedupe=dedupe, generate=generate, threshold=threshold, seed=seed,
-                        generate_out=generate_out, filters=filters)
+                        generate_out=generate_out, filters=filters, columns=columns or ())
         import faiss
         from vqret.api import Collection
 
@@ -236,13 +239,16 @@ def _print(results, collection, *, as_json: bool, files: bool, texts: bool) -> N
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    columns = ("rank", "score", "text", "image") if texts else ("rank", "score", "path")
+    extra = list(results.query.columns)
+    columns = ("rank", "score", "text", "image") if texts else ("rank", "score", "path", *extra)
     for column in columns:
         table.add_column(column, justify="right" if column in ("rank", "score") else "left",
                          overflow="fold")
     for r in results:
         row = [str(r.rank), f"{r.score:.4f}"]
-        table.add_row(*row, *((r.text, r.path or "") if texts else (r.path,)))
+        values = ["" if (r.columns or {}).get(c) is None else str(r.columns[c]) for c in extra]
+        table.add_row(*row, *((r.text, r.path or "") if texts else (r.path, *values)))
     if generated:
-        table.add_row("gen", f"{generated['clip_score']:.4f}", generated["path"])
+        table.add_row("gen", f"{generated['clip_score']:.4f}", generated["path"],
+                      *([""] * len(extra)))
     out.print(table)

@@ -37,11 +37,14 @@ class SearchResult:
     score: float  # cosine similarity
     text: str | None = None  # set for results from the text table
     image_id: int | None = None  # for a text: the image it describes, when known
+    columns: dict[str, Any] | None = None  # row columns a query asked for (taken, camera...)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score}
         if self.text is not None:
             out.update(text=self.text, image_id=self.image_id)
+        if self.columns:
+            out.update(self.columns)
         return out
 
 
@@ -266,6 +269,7 @@ class Collection:
         types: Sequence[str] | str = (),
         camera: str | None = None,
         min_score: float | None = None,
+        columns: Sequence[str] | str = (),
     ) -> SearchResults:
         """Top-k images (or texts, with texts=True) by cosine similarity to a query.
 
@@ -279,7 +283,8 @@ class Collection:
         Filters (vqret.retrieval.filters): `where` a SQL condition over the rows' columns,
         `folder` a path prefix or glob, `after`/`before` dates of capture, `types` file types,
         `camera` a make/model substring, `min_score` a cosine floor; the top-k is exact among
-        the images that pass. Returns SearchResults, a list of SearchResult with
+        the images that pass. `columns` ("taken,camera") come back in each hit's `columns`.
+        Returns SearchResults, a list of SearchResult with
         `.generated`, `.query` and `.note`. Bad input raises QueryError."""
         if isinstance(query, Query):
             return self.run(query)
@@ -302,6 +307,7 @@ class Collection:
         return self.run(build_query(
             query, terms=given, k=k, table=TEXTS if texts else IMAGES, dedupe=dedupe,
             generate=generate, threshold=threshold, seed=seed, filters=filters,
+            columns=columns,
         ))
 
     def run(self, query: Query) -> SearchResults:
@@ -361,15 +367,22 @@ class Collection:
         best = best[np.argsort(-scores[best], kind="stable")]
         return scores[best][None], allowed[best][None]
 
-    def passing_ids(self, filters: Any) -> np.ndarray:
-        """int64 ids of the images that pass `filters`' row filters (vqret.retrieval.filters:
-        sandboxed DuckDB over the rows)."""
+    def row_values(self, ids: Sequence[int], columns: Sequence[str]) -> dict[int, dict]:
+        """id -> {column: value} of images' row columns (those filters see), JSON-able."""
+        return self._rows_sql().values(self.store, list(ids), tuple(columns))
+
+    def _rows_sql(self):
         if self._row_filter is None:
             from .filters import RowFilter
 
             self._row_filter = RowFilter()
         self.store.refresh()
-        return self._row_filter.passing_ids(self.store, filters)
+        return self._row_filter
+
+    def passing_ids(self, filters: Any) -> np.ndarray:
+        """int64 ids of the images that pass `filters`' row filters (vqret.retrieval.filters:
+        sandboxed DuckDB over the rows)."""
+        return self._rows_sql().passing_ids(self.store, filters)
 
     def _row_vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(present[len(ids)] bool, (n_present, D) embeddings) from the rows, which are read

@@ -171,8 +171,11 @@ def nearest_hits(collection: Collection, query: Query,
     if query.dedupe and len(results) > 1:
         stored = collection.stored_vectors([r.id for r in results])
         results = [r for r, keep in zip(results, unique_mask(stored), strict=True) if keep]
-    hits = [SearchResult(rank, r.id, r.path, r.score, r.text, r.image_id)
-            for rank, r in enumerate(results[: query.k], start=1)]
+    results = results[: query.k]
+    values = collection.row_values([r.id for r in results], query.columns) \
+        if query.columns else {}
+    hits = [SearchResult(rank, r.id, r.path, r.score, r.text, r.image_id, values.get(r.id))
+            for rank, r in enumerate(results, start=1)]
     note = None
     if not hits and filters is not None and filters.min_score is not None:
         note = f"no result scores {filters.min_score} or more"

@@ -14,8 +14,10 @@ store's rows as Arrow (zero-copy: pandas and polars users read the same columns)
 - `types`: file types by extension, case-insensitive ("jpg" also takes .jpeg);
 - `camera`: a case-insensitive substring of the camera's make and model;
 - `min_score` is not SQL: the engine drops hits scoring below it.
-Conveniences in `rows`: `type` (the lower-case extension), `camera` (make and model), and
-`taken` from the file's mtime when the store has no capture times yet.
+Conveniences in `rows`: `type` (the lower-case extension), `camera` (make and model),
+`taken` (the capture time as the camera wrote it, local wall-clock: the file's mtime where a
+row has none, e.g. an old store not re-indexed yet) and `taken_utc` (the instant, when the
+offset is known; else the same wall-clock time).
 
 The SQL runs sandboxed, whoever sends it (a server passes its requests' SQL here too): one
 in-memory DuckDB per collection, with no file system, network or extension access
@@ -88,7 +90,8 @@ class Filters:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _moment(value, name))
-        if self.after is not None and self.before is not None and self.after >= self.before:
+        if (self.after is not None and self.before is not None
+                and _utc(self.after) >= _utc(self.before)):
             raise QueryError(f"after ({self.after}) must be earlier than before ({self.before})")
         if self.min_score is not None and (
             isinstance(self.min_score, bool) or not isinstance(self.min_score, int | float)
@@ -114,23 +117,27 @@ class Filters:
 
 
 def _moment(value: Any, name: str) -> dt.datetime:
-    """A date or date-time (ISO 8601; a date is its midnight) as an aware UTC datetime; a
-    time without an offset is read as UTC."""
+    """A date or date-time (ISO 8601; a date is its midnight). Without an offset it is a
+    wall-clock time, compared with `taken` as the camera wrote it (July 4th is the day where
+    the photo was taken); with one, an instant, compared with `taken` less its offset."""
     if isinstance(value, dt.datetime):
-        moment = value
-    elif isinstance(value, dt.date):
-        moment = dt.datetime(value.year, value.month, value.day)
-    elif isinstance(value, str):
+        return value
+    if isinstance(value, dt.date):
+        return dt.datetime(value.year, value.month, value.day)
+    if isinstance(value, str):
         try:
-            moment = dt.datetime.fromisoformat(value.strip())
+            return dt.datetime.fromisoformat(value.strip())
         except ValueError:
             raise QueryError(f"{name} must be a date like 2023-07-01 (or 2023-07-01T18:30), "
                              f"not {value!r}") from None
-    else:
-        raise QueryError(f"{name} must be a date like 2023-07-01, not {value!r}")
+    raise QueryError(f"{name} must be a date like 2023-07-01, not {value!r}")
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    """An instant as naive UTC; a wall-clock time as it is."""
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.astimezone(dt.timezone.utc)
+        return moment
+    return moment.astimezone(dt.timezone.utc).replace(tzinfo=None)
 
 
 class RowFilter:
@@ -158,6 +165,24 @@ class RowFilter:
                 raise QueryError(f"where: {_first_line(e)}{hint}") from None
         return np.sort(np.asarray(ids, np.int64))
 
+    def values(self, store: Any, ids: list[int], columns: tuple[str, ...]) -> dict[int, dict]:
+        """id -> {column: value} for `columns` of the `rows` view (the stored columns and the
+        conveniences), JSON-able: times as ISO 8601 text."""
+        with self._lock:
+            self._refresh(store)
+            unknown = [c for c in columns if c not in self.columns or c in HIDDEN_COLUMNS]
+            if unknown:
+                raise QueryError(f"unknown column {unknown[0]!r}: this store has "
+                                 f"{', '.join(self.columns)}")
+            if not ids:
+                return {}
+            names = ", ".join(f'"{c}"' for c in columns)
+            found = self._con.execute(
+                f"SELECT id, {names} FROM rows WHERE id IN (SELECT unnest(?))", [list(ids)]
+            ).fetchall()
+        return {row[0]: {c: _jsonable(v) for c, v in zip(columns, row[1:], strict=True)}
+                for row in found}
+
     def condition(self, filters: Filters) -> tuple[str, list[Any]]:
         """The filters as one SQL condition with its parameters."""
         parts: list[str] = []
@@ -172,12 +197,13 @@ class RowFilter:
             else:
                 parts.append("(path = ? OR starts_with(path, ?))")
                 params += [folder, folder + "/"]
-        if filters.after is not None:
-            parts.append("taken >= ?")
-            params.append(filters.after)
-        if filters.before is not None:
-            parts.append("taken < ?")
-            params.append(filters.before)
+        for moment, operator in ((filters.after, ">="), (filters.before, "<")):
+            if moment is None:
+                continue
+            # a wall-clock bound compares with the wall-clock time; an instant with the instant
+            left = "taken" if moment.tzinfo is None else "taken_utc"
+            parts.append(f"{left} {operator} ?")
+            params.append(_utc(moment))
         if filters.types:
             wanted = sorted({alias for t in filters.types for alias in TYPE_ALIASES.get(t, (t,))})
             parts.append(f"type IN ({', '.join('?' for _ in wanted)})")
@@ -205,7 +231,8 @@ class RowFilter:
             self._con.close()
         self._con = duckdb.connect(":memory:", config=SANDBOX)
         self._con.register("rows_table", table)
-        self._con.execute(_VIEW_SQL.format(extra=_extra_columns(table)))
+        self._con.execute(_VIEW_SQL.format(extra=_extra_columns(table),
+                                           hidden=_replaced(table)))
         self._generation = store.generation
         self.columns = [c for c in self._con.execute("SELECT * FROM rows LIMIT 0")
                         .fetchnumpy()]
@@ -224,8 +251,13 @@ def _columns(store: Any) -> list[str]:
 
 
 _VIEW_SQL = """
-CREATE TEMP VIEW rows AS SELECT *{extra} FROM rows_table
+CREATE TEMP VIEW rows AS SELECT *{hidden}{extra} FROM rows_table
 """
+
+
+def _replaced(table: pa.Table) -> str:
+    """Stored columns the view computes anew (taken: the mtime where EXIF had none)."""
+    return " EXCLUDE (taken)" if "taken" in table.column_names else ""
 
 
 def _extra_columns(table: pa.Table) -> str:
@@ -237,10 +269,18 @@ def _extra_columns(table: pa.Table) -> str:
         make = "camera_make" if "camera_make" in names else "NULL"
         model = "camera_model" if "camera_model" in names else "NULL"
         extra.append(f"nullif(concat_ws(' ', {make}, {model}), '') AS camera")
-    if "taken" not in names:
-        extra.append("make_timestamp(mtime_ns // 1000)::TIMESTAMPTZ AS taken"
-                     if "mtime_ns" in names else "NULL::TIMESTAMPTZ AS taken")
+    mtime = "make_timestamp(mtime_ns // 1000)" if "mtime_ns" in names else "NULL::TIMESTAMP"
+    offset = "taken_offset_min" if "taken_offset_min" in names else "NULL::INTEGER"
+    taken = f"coalesce(taken, {mtime})" if "taken" in names else mtime
+    extra.append(f"{taken} AS taken")
+    extra.append(f"{taken} - to_minutes(coalesce({offset}, 0)) AS taken_utc")
     return "".join(f", {e}" for e in extra)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    return value
 
 
 def _first_line(error: Exception) -> str:

@@ -147,6 +147,7 @@ class Query:
     fetch: int | None = None  # look at this many neighbours before dedupe/exclusion (>= k)
     seed: int = 0  # the generated picture's noise
     filters: Any = None  # a vqret.retrieval.filters.Filters: which images may be results
+    columns: tuple[str, ...] = ()  # row columns to return with each hit (taken, camera...)
     options: dict[str, Any] = field(default_factory=dict, compare=False)  # surface extras
 
     def __post_init__(self) -> None:
@@ -178,6 +179,15 @@ class Query:
             raise QueryError(f"threshold must be a number, not {self.threshold!r}")
         if self.fetch is not None and (not isinstance(self.fetch, int) or self.fetch < 1):
             raise QueryError(f"fetch must be an integer, 1 or more, not {self.fetch!r}")
+        columns = self.columns
+        if isinstance(columns, str):
+            columns = tuple(c for c in columns.split(","))
+        columns = tuple(str(c).strip() for c in columns)
+        if any(not c for c in columns):
+            raise QueryError("columns must be column names like taken,camera")
+        object.__setattr__(self, "columns", columns)
+        if columns and self.table == TEXTS:
+            raise QueryError("columns are the images' row columns: not for the texts table")
         if self.filters is not None:
             from .filters import Filters
 

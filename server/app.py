@@ -228,7 +228,12 @@ class _Api:
             except ValueError:
                 raise RequestError(400, f"threshold must be a number, not {threshold!r}") from None
         seed = parse_int(_given(fields, "seed", 0), "seed", minimum=0)
+        columns = fields.get("columns") or []
+        if not isinstance(columns, str | list) or not all(isinstance(c, str) for c in columns):
+            raise RequestError(400, "columns must be a list of column names, or them in one "
+                               "comma-separated string")
         return {
+            "columns": columns,
             "filters": _filters(fields.get("filters")),
             "k": k,
             "table": table,
@@ -350,9 +355,7 @@ def _filters(value: Any) -> Filters | None:
 
 def _result_row(r: Any, prefix: str) -> dict[str, Any]:
     image_id = r.id if r.text is None else r.image_id
-    row = {"rank": r.rank, "id": r.id, "path": r.path, "score": r.score}
-    if r.text is not None:
-        row.update(text=r.text, image_id=r.image_id)
+    row = r.to_dict()
     if image_id is not None and r.path is not None:
         row.update(thumbnail_url=prefix.format("thumb") + str(image_id),
                    original_url=prefix.format("image") + str(image_id))

@@ -56,8 +56,12 @@ def test_filters_check_their_input_early():
         with pytest.raises(QueryError, match=message):
             Filters(**kwargs)
     f = Filters(after="2023-07-01", types=".JPG,png")
-    assert f.types == ("jpg", "png") and f.after.tzinfo is not None
-    assert f.describe() == {"after": "2023-07-01T00:00:00+00:00", "types": ["jpg", "png"]}
+    assert f.types == ("jpg", "png") and f.after == dt.datetime(2023, 7, 1)  # wall-clock
+    assert f.describe() == {"after": "2023-07-01T00:00:00", "types": ["jpg", "png"]}
+    # an offset makes it an instant; the two kinds still order
+    assert Filters(after="2023-07-01T02:00+02:00", before="2023-07-01T00:30").after.tzinfo
+    with pytest.raises(QueryError, match="earlier than before"):
+        Filters(after="2023-07-01T03:00+02:00", before="2023-07-01T00:30")
     assert not Filters(min_score=0.3).selects_rows and f.selects_rows
 
 

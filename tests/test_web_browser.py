@@ -233,5 +233,10 @@ def test_the_filter_bar_restricts_the_search(site, browser):
     assert card_ids(page) == []
     page.click("#f-clear")
     page.wait_for_function("() => document.querySelectorAll('#grid .card').length === 20")
+    # each card says when its picture was taken (no EXIF in drawings: the file's date)
+    facts = page.inner_text("#grid .card .facts")
+    import re
+
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", facts), facts
     assert not problems, problems
     page.close()

@@ -35,6 +35,9 @@ async function loadStores() {
   if (wanted && stores.some((s) => s.name === wanted)) storeSelect.value = wanted;
 }
 
+// Each card shows when the picture was taken and with what (the rows' columns).
+const CARD_COLUMNS = ['taken', 'camera'];
+
 // kind: 'text' | 'image' | 'like'; value: the text, a File/Blob, or an id.
 async function search(kind, value, label) {
   const ticket = ++latest;
@@ -48,6 +51,7 @@ async function search(kind, value, label) {
     body.append('k', String(k));
     if (store) body.append('store', store);
     if (filters) body.append('filters', JSON.stringify(filters));
+    body.append('columns', CARD_COLUMNS.join(','));
     request = { method: 'POST', body };
   } else {
     // text goes as q: the query syntax ("cat - grass + 0.5:dog"), read by the server
@@ -55,7 +59,7 @@ async function search(kind, value, label) {
     request = {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ ...query, k, store, filters }),
+      body: JSON.stringify({ ...query, k, store, filters, columns: CARD_COLUMNS }),
     };
   }
   if (previewUrl) URL.revokeObjectURL(previewUrl);
@@ -137,6 +141,8 @@ function render(results, generated) {
     const path = card.querySelector('.path');
     path.textContent = r.path.split('/').pop();
     path.title = r.path;
+    const facts = [r.taken ? r.taken.slice(0, 10) : '', r.camera || ''].filter(Boolean);
+    card.querySelector('.facts').textContent = facts.join(' · ');
     card.querySelector('.thumb').addEventListener('click', () => show(r));
     card.querySelector('.like').addEventListener('click', () => likeThis(r));
     return card;
