@@ -1,0 +1,512 @@
+"""Filtered search: the top-k among the rows a filter passes, at any selectivity.
+
+Arrays in, arrays out: the caller turns a filter into the ids of the passing rows (DuckDB over
+the store's Parquet parts); `search_filtered(index, queries, k, allowed)` returns their best
+k. It never returns fewer than min(k, passing rows in the index) results, and on an exact
+index they are the exact filtered top-k.
+
+Two routes, chosen per call by estimated cost (`plan_filtered`):
+- **exact**: score every passing row. The float32 vectors come from the index when it holds
+  them (IDMap2 over Flat or HNSWFlat: `reconstruct_batch`; the re-ranking vectors of a PQ
+  plan), else from `vectors_of(ids)`, which the caller reads from the store rows.
+- **ann**: the index's own search with a faiss ID selector (`IDSelectorBitmap` over the ids;
+  inside IDMap the selector is translated to positions by faiss, except behind IndexRefine,
+  where the IVF parameters are nested and we translate the selector ourselves). A filter
+  hides most of what a probe finds: with only a share s of rows passing, an IVF probe of
+  nprobe lists or an HNSW beam of efSearch holds s times fewer candidates, and the filtered
+  neighbours lie further out. So nprobe / efSearch are widened to `tuned x s^-0.6` up front
+  (measured below), and the search is repeated 4x wider while any query has fewer than k
+  passing hits; once every IVF list is probed (all passing rows seen) or an HNSW beam would
+  exceed `HNSW_EF_CAP`, the exact route answers.
+
+Why s^-0.6, and the costs the choice compares. Measured on the CLIP-like mixture of
+benchmarks/ann_data.py at d = 512, one thread, 2 shared cores (100k: IVF1024,SQfp16 tuned to
+nprobe 8; HNSW32 tuned to efSearch 64), recall@10 against exact filtered search:
+
+    selectivity               0.1%   0.3%    1%     3%    10%    50%   100%
+    IVF nprobe for >= 0.97     512    256    128     32     16     12      8
+    HNSW efSearch for >= 0.97 8192   4096   2048    512    128    128    128
+
+Both grow like s^-0.6 (a filter of share s is a sparser collection: its 10 nearest rows lie as
+far out as the unfiltered 10/s nearest, and the lists / graph nodes holding them grow
+sub-linearly with that depth in ~30 intrinsic dimensions).
+
+Costs, in nanoseconds at d = 512 (`COSTS`; distance terms scale with d):
+- exact: each passing row is gathered from wherever it lives and scored, ~300 ns a row
+  (2 KB of float32 in arbitrary order: memory-bound). 1,000 rows 0.3 ms, 10,000 rows 3 ms.
+- IVF: the coarse quantizer scores every centroid (~50 ns each, contiguous), then every code
+  of the probed lists is tested against the selector (~6 ns) and only the passing ones are
+  scored (~85 ns for fp16). A selective filter makes each list cheaper: at 1% a probed list
+  of 244 codes costs ~1.7 us instead of ~21 us unfiltered.
+- HNSW: ~1.7 us per unit of efSearch (each expansion scores ~20 neighbours, passing or not).
+- Flat with a selector: every row tested (~2 ns), passing rows scored (~60 ns contiguous).
+Exact wins when the filter is small next to the work the ANN route must do at that
+selectivity: at 1M x 512 under IVF4096 (nprobe 16), up to ~2,000 passing rows (0.2%); under
+HNSW, up to a few % of the rows (its beam must grow to ~k/s). Both routes are exact-or-near
+where they are chosen, so a wrong guess of the crossover costs time, never results.
+
+A filter given as an id array costs O(passing rows) to turn into a selector (~1 ns an id:
+1 ms at 1M ids): an `Allowed` prepared once (`Allowed.from_ids`) and reused by the queries of
+one filter (as a user changes the text under a fixed filter) pays it once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import faiss
+import numpy as np
+
+from .index import search_index
+
+VectorsOf = Callable[[np.ndarray], np.ndarray]
+
+ROUTES = ("auto", "exact", "ann")
+WIDEN_EXPONENT = 0.6  # nprobe / efSearch x s^-0.6 (module notes)
+WIDEN_STEP = 4  # re-search this much wider while a query has fewer than k passing hits
+HNSW_EF_CAP = 16_384  # past this beam the exact route is cheaper at any collection size
+# Nanoseconds at d = 512 (module notes); terms marked "d" scale with the dimension.
+COSTS = {
+    "exact_row": 300.0,  # d: gather + score one passing row
+    "centroid": 50.0,  # d: one IVF centroid
+    "selector": 6.0,  # one IVF code tested against the selector
+    "ivf_code": 85.0,  # d: one passing code scored (fp16; SQ8 and PQ are no dearer)
+    "hnsw_ef": 1700.0,  # d: one unit of efSearch
+    "flat_row": 2.0,  # one flat row tested
+    "flat_score": 60.0,  # d: one passing flat row scored
+    "translate": 2.0,  # one id-map entry looked up (PQ plans: selector over positions)
+}
+# A bitmap selector costs (max id) / 8 bytes; past 64 bits an id a hash set is smaller.
+BITMAP_BITS_PER_ID = 64
+
+
+# --------------------------------------------------------------------------------------------
+# The passing rows
+# --------------------------------------------------------------------------------------------
+
+
+class Allowed:
+    """The ids a filter passes, prepared for search: distinct ids, a bitmap, a faiss selector.
+
+    Each view is computed once, when first asked for; negative ids (faiss' "missing") are
+    dropped. Build it with `from_ids` (int64 ids, any order, duplicates allowed) or
+    `from_mask` (a bool per id: `mask[i]` says whether id i passes).
+    """
+
+    def __init__(self, ids: np.ndarray | None = None, mask: np.ndarray | None = None):
+        if (ids is None) == (mask is None):
+            raise ValueError("give ids or a mask")
+        if mask is not None:
+            self._mask = np.ascontiguousarray(mask, dtype=bool)
+            self._ids = None
+        else:
+            raw = np.asarray(ids)
+            if raw.ndim != 1 or not (np.issubdtype(raw.dtype, np.integer) or raw.size == 0):
+                raise ValueError(f"allowed ids must be a 1-D integer array, not {raw.dtype} "
+                                 f"{raw.shape}")
+            raw = raw.astype(np.int64, copy=False)
+            self._ids = raw[raw >= 0] if raw.size and raw.min() < 0 else raw
+            self._mask = None
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray) -> Allowed:
+        return cls(ids=ids)
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> Allowed:
+        return cls(mask=mask)
+
+    @property
+    def size_hint(self) -> int:
+        """An upper bound on `count` that costs nothing."""
+        return len(self._ids) if self._ids is not None else len(self._mask)
+
+    @cached_property
+    def max_id(self) -> int:
+        if self._ids is not None:
+            return int(self._ids.max()) if len(self._ids) else -1
+        nonzero = np.flatnonzero(self._mask)
+        return int(nonzero[-1]) if len(nonzero) else -1
+
+    @property
+    def uses_bitmap(self) -> bool:
+        return self._mask is not None or (
+            self.max_id + 1 <= BITMAP_BITS_PER_ID * len(self._ids) + 4096
+        )
+
+    @property
+    def _sorts(self) -> bool:
+        # few ids (or ids too sparse for a bitmap): sorting them beats a pass over the id range
+        return self._ids is not None and (len(self._ids) < 65_536 or not self.uses_bitmap)
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """(max id + 1,) bool: which ids pass."""
+        if self._mask is not None:
+            return self._mask
+        mask = np.zeros(self.max_id + 1, dtype=bool)
+        mask[self._ids] = True
+        return mask
+
+    @cached_property
+    def unique(self) -> np.ndarray:
+        """(count,) the distinct passing ids, ascending."""
+        if self._sorts:
+            return np.unique(self._ids)
+        return np.flatnonzero(self.mask).astype(np.int64)
+
+    @cached_property
+    def count(self) -> int:
+        """How many distinct ids pass."""
+        if self._sorts:
+            return len(self.unique)
+        return int(np.count_nonzero(self.mask))
+
+    @cached_property
+    def bitmap(self) -> np.ndarray:
+        """The mask packed 8 ids a byte, little-endian bits: faiss' IDSelectorBitmap layout."""
+        return np.packbits(self.mask, bitorder="little")
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids),) bool: which of `ids` pass."""
+        if not self.uses_bitmap:
+            return np.isin(ids, self.unique)
+        mask = self.mask
+        inside = (ids >= 0) & (ids < len(mask))
+        found = np.zeros(len(ids), dtype=bool)
+        found[inside] = mask[ids[inside]]
+        return found
+
+    def selector(self) -> faiss.IDSelector:
+        """A faiss selector of these ids (it points into arrays this object keeps alive)."""
+        if self.uses_bitmap:
+            bitmap = self.bitmap
+            sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        else:
+            unique = self.unique
+            sel = faiss.IDSelectorBatch(len(unique), faiss.swig_ptr(unique))
+        sel.owner = self  # faiss holds a raw pointer into our arrays
+        return sel
+
+
+def _as_allowed(allowed: np.ndarray | Allowed) -> Allowed:
+    return allowed if isinstance(allowed, Allowed) else Allowed.from_ids(allowed)
+
+
+# --------------------------------------------------------------------------------------------
+# The index: what it is, what it holds
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    kind: str  # flat | hnsw | ivf | refine
+    inner: faiss.Index  # under the id map, if any
+    id_map: np.ndarray | None  # position -> id, when an IDMap / IDMap2 wraps the index
+    reverse: bool  # IDMap2: reconstruct by id
+    ivf: faiss.IndexIVF | None = None
+    nlist: int = 0
+    nprobe: int = 0
+    ef: int = 0
+
+
+def _layout(index: faiss.Index) -> _Layout:
+    outer = faiss.downcast_index(index)
+    id_map, reverse, inner = None, False, outer
+    if isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
+        inner = faiss.downcast_index(outer.index)
+        reverse = isinstance(outer, faiss.IndexIDMap2)
+        size = outer.id_map.size()
+        id_map = (faiss.rev_swig_ptr(outer.id_map.data(), size) if size
+                  else np.zeros(0, np.int64))
+    if hasattr(inner, "hnsw"):
+        return _Layout("hnsw", inner, id_map, reverse, ef=int(inner.hnsw.efSearch))
+    if isinstance(inner, faiss.IndexRefine):
+        ivf = faiss.extract_index_ivf(inner.base_index)
+        return _Layout("refine", inner, id_map, reverse, ivf, ivf.nlist, ivf.nprobe)
+    if isinstance(inner, faiss.IndexFlat):
+        return _Layout("flat", inner, id_map, reverse)
+    try:
+        ivf = faiss.extract_index_ivf(inner)
+    except RuntimeError:
+        raise ValueError(f"filtered search can't handle {type(inner).__name__}") from None
+    return _Layout("ivf", inner, id_map, reverse, ivf, ivf.nlist, ivf.nprobe)
+
+
+def _exact_storage(layout: _Layout) -> faiss.Index | None:
+    """The index (by position) that holds float32 vectors, when this one has them."""
+    if layout.kind == "flat":
+        return layout.inner
+    if layout.kind == "hnsw" and isinstance(layout.inner, faiss.IndexHNSWFlat):
+        return layout.inner
+    if layout.kind == "refine":
+        refine = faiss.downcast_index(layout.inner.refine_index)
+        return refine if isinstance(refine, faiss.IndexFlat) else None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FilterPlan:
+    route: str  # exact | ann
+    n_passing: int
+    selectivity: float
+    params: dict[str, int] = field(default_factory=dict)  # ann: the starting nprobe / efSearch
+    exact_ms: float = 0.0  # estimated
+    ann_ms: float = 0.0  # estimated
+    reason: str = ""
+
+
+def _widened(tuned: int, selectivity: float, ceiling: int) -> int:
+    return int(min(ceiling, max(tuned, math.ceil(tuned * selectivity ** -WIDEN_EXPONENT))))
+
+
+def plan_filtered(
+    index: faiss.Index, n_passing: int, k: int = 10, *, has_vectors_of: bool = False
+) -> FilterPlan:
+    """The cheaper route for a filter passing `n_passing` of the index's rows (module notes).
+
+    `has_vectors_of`: whether the caller can supply the passing rows' float32 vectors; an
+    IVF index over fp16 / 8-bit codes holds none, and is then searched by its own route
+    (widened to all its lists at worst)."""
+    layout = _layout(index)
+    source = _exact_source(layout, has_vectors_of)
+    return _plan(layout, int(index.ntotal), index.d, n_passing, k, source)
+
+
+def _plan(
+    layout: _Layout, ntotal: int, dim: int, m: int, k: int, source: str | None
+) -> FilterPlan:
+    s = min(1.0, m / max(ntotal, 1))
+    d = dim / 512
+    translate = COSTS["translate"] * ntotal  # finding positions in an id map
+    exact_ns = COSTS["exact_row"] * d * m + (translate if source == "position" else 0.0)
+    params: dict[str, int] = {}
+    if layout.kind == "flat":
+        ann_ns = COSTS["flat_row"] * ntotal + COSTS["flat_score"] * d * m
+    elif layout.kind == "hnsw":
+        ef = _widened(max(layout.ef, k), s, HNSW_EF_CAP)
+        params = {"efSearch": ef}
+        ann_ns = COSTS["hnsw_ef"] * d * ef
+    else:
+        nprobe = _widened(max(layout.nprobe, 1), s, layout.nlist)
+        params = {"nprobe": nprobe}
+        scanned = nprobe * ntotal / max(layout.nlist, 1)
+        ann_ns = (COSTS["centroid"] * d * layout.nlist
+                  + scanned * (COSTS["selector"] + s * COSTS["ivf_code"] * d))
+        if layout.kind == "refine" and layout.id_map is not None:
+            ann_ns += translate  # the selector over the IVF lists' positions
+    plan = FilterPlan("ann", m, s, params, round(exact_ns / 1e6, 4), round(ann_ns / 1e6, 4))
+    if source is not None and exact_ns <= ann_ns:
+        plan.route, plan.reason = "exact", f"scoring the {m} passing rows is cheaper"
+    elif source is None:
+        plan.reason = "the index holds no float32 vectors (and no vectors_of): its own search"
+    else:
+        plan.reason = "the index's search with a selector is cheaper"
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------------
+
+
+def _empty(n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((n_queries, 0), np.float32), np.zeros((n_queries, 0), np.int64)
+
+
+def _trim(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the trailing columns no query filled (ids the index doesn't hold)."""
+    filled = (ids >= 0).any(axis=0)
+    width = int(filled.nonzero()[0][-1]) + 1 if filled.any() else 0
+    return scores[:, :width], ids[:, :width]
+
+
+def _positions(layout: _Layout, allowed: Allowed) -> np.ndarray:
+    """Positions (in the index under the id map) of the passing rows it holds: O(ntotal)."""
+    if layout.id_map is None:
+        unique = allowed.unique
+        return unique[unique < layout.inner.ntotal]
+    return np.flatnonzero(allowed.contains(layout.id_map)).astype(np.int64)
+
+
+def _exact_source(layout: _Layout, has_vectors_of: bool) -> str | None:
+    """Where the exact route reads the passing rows' float32 vectors: "id" (the index, by id
+    through IDMap2's reverse map: O(passing)), "position" (the index, after finding the
+    rows' positions in its id map: O(ntotal)), "vectors_of" (the caller), or None."""
+    storage = _exact_storage(layout)
+    if storage is not None and (layout.reverse or layout.id_map is None):
+        return "id"
+    if has_vectors_of:
+        return "vectors_of"
+    return "position" if storage is not None else None
+
+
+def _passing_vectors(
+    index: faiss.Index, layout: _Layout, allowed: Allowed, vectors_of: VectorsOf | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids, float32 vectors (n, D)) of the passing rows, or None when none can be had."""
+    source = _exact_source(layout, vectors_of is not None)
+    if source is None:
+        return None
+    storage = _exact_storage(layout)
+    if source == "id" and layout.id_map is not None:
+        ids = allowed.unique
+        try:
+            return ids, index.reconstruct_batch(ids)
+        except RuntimeError:  # an id the index doesn't hold: find the others by position
+            source = "position"
+    if source in ("id", "position"):
+        positions = _positions(layout, allowed)
+        ids = layout.id_map[positions] if layout.id_map is not None else positions
+        return ids.astype(np.int64), storage.reconstruct_batch(positions)
+    ids = allowed.unique
+    vectors = np.asarray(vectors_of(ids), dtype=np.float32)
+    if vectors.shape != (len(ids), index.d):
+        raise ValueError(f"vectors_of gave an array of {vectors.shape} for {len(ids)} ids, "
+                         f"expected ({len(ids)}, {index.d})")
+    known = ~np.isnan(vectors).any(axis=1)  # a NaN row: an id the store holds no vector for
+    return ids[known], vectors[known]
+
+
+def _exact(
+    queries: np.ndarray, k: int, ids: np.ndarray, vectors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    k = min(k, len(ids))
+    if k == 0:
+        return _empty(len(queries))
+    scores, positions = faiss.knn(queries, np.ascontiguousarray(vectors, np.float32), k,
+                                  metric=faiss.METRIC_INNER_PRODUCT)
+    return scores, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+
+
+def _search_params(
+    index: faiss.Index, layout: _Layout, sel: faiss.IDSelector, value: int
+) -> faiss.SearchParameters:
+    if layout.kind == "flat":
+        params = faiss.SearchParameters(sel=sel)
+    elif layout.kind == "hnsw":
+        params = faiss.SearchParametersHNSW(sel=sel, efSearch=value)
+    elif layout.kind == "ivf":
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=value)
+    else:
+        # IndexRefine passes only its nested parameters on, so the selector must be there,
+        # over the positions the IVF lists hold (IDMap translates a top-level one only).
+        ivf = faiss.SearchParametersIVF(sel=sel, nprobe=value)
+        params = faiss.IndexRefineSearchParameters(k_factor=layout.inner.k_factor,
+                                                   base_index_params=ivf)
+        params.ivf_ref = ivf  # the wrapper holds a raw pointer
+    params.sel_ref = sel  # so does every SearchParameters
+    return params
+
+
+def _ann(
+    index: faiss.Index,
+    layout: _Layout,
+    queries: np.ndarray,
+    k: int,
+    allowed: Allowed,
+    start: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(scores, ids, rows still short of k hits, widest value used): the index's search with
+    a selector, repeated wider for the queries that found fewer than k passing rows."""
+    if layout.kind == "refine" and layout.id_map is not None:
+        sel = Allowed.from_mask(_position_mask(layout, allowed)).selector()
+    else:
+        sel = allowed.selector()
+    ceiling = {"flat": 0, "hnsw": HNSW_EF_CAP}.get(layout.kind, layout.nlist)
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    ids = np.full((len(queries), k), -1, np.int64)
+    pending, value = np.arange(len(queries)), start
+    while True:
+        found_scores, found_ids = index.search(
+            queries[pending], k, params=_search_params(index, layout, sel, value))
+        scores[pending], ids[pending] = found_scores, found_ids
+        pending = pending[(found_ids < 0).any(axis=1)]
+        # flat: every passing row was scored; IVF: all lists probed, every passing row seen
+        if not len(pending) or value >= ceiling:
+            return scores, ids, pending, value
+        value = min(ceiling, value * WIDEN_STEP)
+
+
+def _position_mask(layout: _Layout, allowed: Allowed) -> np.ndarray:
+    return allowed.contains(layout.id_map)
+
+
+def filtered_search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    allowed: np.ndarray | Allowed,
+    *,
+    vectors_of: VectorsOf | None = None,
+    route: str = "auto",
+) -> tuple[np.ndarray, np.ndarray, FilterPlan]:
+    """`search_filtered`, and the plan it followed (route, estimated costs, widest nprobe /
+    efSearch used in `params`). `route` forces "exact" or "ann" (for measuring them)."""
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
+    queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
+    allowed = _as_allowed(allowed)
+    layout = _layout(index)
+    source = _exact_source(layout, vectors_of is not None)
+    m = allowed.count
+    k = min(int(k), m, int(index.ntotal))
+    plan = _plan(layout, int(index.ntotal), index.d, m, k, source)
+    if k <= 0:
+        plan.reason = "nothing passes" if m == 0 or index.ntotal == 0 else "k = 0"
+        return (*_empty(len(queries)), plan)
+    if route == "exact" or (route == "auto" and plan.route == "exact"):
+        found = _passing_vectors(index, layout, allowed, vectors_of)
+        if found is None:
+            raise ValueError("the exact route needs vectors: this index holds none "
+                             "(give vectors_of)")
+        plan.route = "exact"
+        return (*_trim(*_exact(queries, k, *found)), plan)
+    plan.route = "ann"
+    name = next(iter(plan.params), None)
+    scores, ids, short, value = _ann(index, layout, queries, k, allowed,
+                                     plan.params.get(name, 0))
+    if name:
+        plan.params[name] = value
+    if len(short) and layout.kind == "hnsw":
+        # the graph gave up before k passing rows: score them all, if they can be had
+        found = _passing_vectors(index, layout, allowed, vectors_of)
+        if found is not None:
+            scores[short], ids[short] = _exact(queries[short], k, *found)
+            plan.reason += f"; {len(short)} of {len(queries)} queries fell back to exact"
+    return (*_trim(scores, ids), plan)
+
+
+def search_filtered(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    allowed: np.ndarray | Allowed | None,
+    *,
+    vectors_of: VectorsOf | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) among the rows `allowed` passes, each (Q, k'), best first.
+
+    queries: (Q, D) float32 (a (D,) vector is one query). allowed: int64 ids (any order;
+    duplicates, negatives and ids the index doesn't hold are ignored), or an `Allowed`
+    prepared from them; None searches unfiltered (`search_index`). vectors_of(ids (n,)) ->
+    (n, D) float32: the store rows' embeddings, for indexes that hold no float32 vectors (IVF
+    over fp16 / 8-bit codes); a row of NaN marks an id it has no vector for.
+
+    k' = min(k, passing rows); scores are inner products (cosine over unit vectors) as
+    `search_index` gives them. A slot no passing row fills (an id the index doesn't hold)
+    has id -1 and score -inf.
+    """
+    if allowed is None:
+        return search_index(index, queries, k)
+    scores, ids, _plan_used = filtered_search(index, queries, k, allowed,
+                                              vectors_of=vectors_of)
+    return scores, ids
