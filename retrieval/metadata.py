@@ -26,6 +26,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -56,6 +57,10 @@ _TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 _EXIF_TIME = re.compile(r"^(\d{4})[:\-](\d{2})[:\-](\d{2})[ T](\d{2}):(\d{2})(?::(\d{2}))?(.*)$")
 _OFFSET = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
 _MAX_TEXT = 200
+# Pillow warns on every broken EXIF block it skips ("Corrupt EXIF data", "Tag data larger than
+# file"): common in the wild, and each field read from one is null here anyway. A filter, not
+# catch_warnings, which isn't thread-safe and the header reads run on threads.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 _FACTS_THREADS = 4  # header reads: I/O and Pillow's C parsers
 _FACTS_CHUNK = 1 << 12
 
@@ -303,8 +308,8 @@ def stored_facts(rows: pa.Table) -> pa.Table:
 
 
 def metadata_columns(
-    facts: pa.Table, path: pa.Array | pa.ChunkedArray, mtime_ns: pa.Array | pa.ChunkedArray,
-    root_url: str | None = None,
+    facts: pa.Table, path: pa.Array | pa.ChunkedArray | Sequence[str],
+    mtime_ns: pa.Array | pa.ChunkedArray | Sequence[int], root_url: str | None = None,
 ) -> dict[str, pa.Array]:
     """The image table's metadata columns (store_layout.METADATA_COLUMNS, plus width and
     height) of rows with these facts (FACTS_SCHEMA), paths and mtimes; `root_url`: the
@@ -364,8 +369,10 @@ def _utc_offset(seconds: int) -> int:
         return 0
 
 
-def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+def _one_array(values: pa.Array | pa.ChunkedArray | Sequence[Any]) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    return values if isinstance(values, pa.Array) else pa.array(values)
 
 
 __all__ = [

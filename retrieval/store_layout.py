@@ -128,13 +128,14 @@ def has_metadata(schema: pa.Schema) -> bool:
 
 
 def conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`rows` with `schema`'s columns, in its order: the ones a part predates as nulls."""
-    if rows.schema.names == schema.names:
+    """`rows` with `schema`'s columns, in its order and types: the ones a part predates as
+    nulls."""
+    if rows.schema == schema:
         return rows
     for field in schema:
         if field.name not in rows.column_names:
             rows = rows.append_column(field, pa.nulls(rows.num_rows, field.type))
-    return rows.select(schema.names)
+    return rows.select(schema.names).cast(schema)
 
 
 def embeddings_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:

@@ -30,7 +30,12 @@ from vqret.retrieval.embedder import ModelSpec  # noqa: E402
 from vqret.retrieval.index import load_saved  # noqa: E402
 from vqret.retrieval.indexer import index_folder  # noqa: E402
 from vqret.retrieval.remote import FsspecSource, version_ns  # noqa: E402
-from vqret.retrieval.store import Store, embeddings_to_arrow, now_utc  # noqa: E402
+from vqret.retrieval.store import (  # noqa: E402
+    METADATA_COLUMNS,
+    Store,
+    embeddings_to_arrow,
+    now_utc,
+)
 from vqret.retrieval.walk import walk_images  # noqa: E402
 
 REPORT_KEYS = ("added", "updated", "removed", "renamed", "unchanged", "embedded", "failed")
@@ -162,6 +167,41 @@ def test_ray_engine_indexes_like_the_local_engine(local_ray, tmp_path, folder, e
     assert a == b and a["embedded"] == 0 and a["unchanged"] == len(local)
     assert HASH_JOBS == [2]  # empty.png and truncated.png failed: tried again
     _assert_same_rows(local, remote)
+
+
+def test_ray_workers_read_the_local_engines_metadata_columns(local_ray, tmp_path, embedder):
+    """EXIF photos embedded on Ray get the local engine's metadata columns (read by the
+    actors, from the bytes they decode), and an old store's upgrade reads its files'
+    headers in Ray tasks, re-embedding nothing."""
+    from test_metadata import exif_photo, make_schema_1
+
+    folder = tmp_path / "photos"
+    exif_photo(folder / "trip" / "tower.jpg", (320, 240), make="Google", model="Pixel 7",
+               orientation=6, taken="2023:07:04 21:15:30", offset="+02:00", gps=(48.858, 2.294))
+    exif_photo(folder / "old.jpg", (200, 100), make="Canon", taken="2009:12:24 18:00:00")
+    make_shape_folder(folder / "shapes", 4, seed=3)
+    local, remote = _stores(tmp_path, embedder, folder)
+    columns = ["id", "width", "height", *METADATA_COLUMNS]
+
+    def same_columns() -> None:
+        a, b = (s.read_table(columns).sort_by("id").to_pylist() for s in (local, remote))
+        assert a == b
+
+    index_folder(local, embedder, folder)
+    indexing.index_folder_with_ray(remote, remote.spec, folder, batch_size=16,
+                                   text_embedder=embedder)
+    same_columns()
+    tower = remote.read_table(["path", "camera_model", "folder"]).to_pylist()
+    assert {"path": "trip/tower.jpg", "camera_model": "Pixel 7", "folder": "trip"} in tower
+
+    make_schema_1(remote)
+    with pytest.MonkeyPatch.context() as patch:  # the driver reads no header: the tasks do
+        patch.setattr("vqret.retrieval.metadata.read_facts", _driver_must_not_read)
+        patch.setattr("vqret.retrieval.indexer.read_facts", _driver_must_not_read)
+        report = indexing.index_folder_with_ray(remote, remote.spec, folder, batch_size=16,
+                                                text_embedder=embedder)
+    assert (report.upgraded, report.embedded) == (len(remote), 0)
+    same_columns()
 
 
 def test_fsspec_urls_list_hash_and_embed_like_the_folder(folder, embedder):

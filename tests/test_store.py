@@ -26,6 +26,7 @@ from vqret.retrieval.store import (
     embeddings_to_arrow,
     find_store,
     now_utc,
+    row_schema,
 )
 
 DIM = 8
@@ -82,6 +83,61 @@ def test_compact_merges_parts_and_keeps_rows(store):
     assert len(store.parts()) == 1
     assert sorted(Store(store.path).read_table().column("id").to_pylist()) == [0, 1, 2, 3, 4]
     assert len(list((store.path / IMAGES).iterdir())) == 1
+
+
+def _old_part(store, ids, seed=0) -> str:
+    """A part as a schema 1 store wrote it: no metadata columns, and no codes either."""
+    rows = make_rows(ids, seed=seed)
+    name = f"part-old-{ids[0]}.parquet"
+    pq.write_table(rows, store.path / IMAGES / name)
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["tables"]["images"]["parts"].append(name)
+    manifest["tables"]["images"]["rows"] += len(ids)
+    manifest["tables"]["images"]["next_id"] = max(ids) + 1
+    manifest["schema_version"] = 1
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    store.refresh()
+    return name
+
+
+def test_parts_older_than_a_column_read_it_as_nulls(store):
+    with store.writer() as w:
+        w.commit(make_rows([0, 1]))
+    _old_part(store, [5, 6], seed=1)
+    assert Store(store.path).schema_version == 1  # still readable
+    table = store.read_table()  # both kinds of parts, in the current schema
+    assert table.schema == row_schema(DIM)
+    assert table.num_rows == 4 and table.column("taken_source").null_count == 4
+    assert store.read_table(["id", "folder"]).column("folder").null_count == 4
+    with store.writer() as w:
+        w.compact()  # merges the old part with the new: one schema
+    assert len(store.parts()) == 1
+    assert store.read_table().column("id").to_pylist() == [0, 1, 5, 6]
+
+
+def test_set_part_columns_rewrites_one_part_and_leaves_vectors_alone(store):
+    with store.writer() as w:
+        w.commit(make_rows([0, 1]))
+    old = _old_part(store, [5, 6], seed=1)
+    ids, before = store.vectors()
+    changed_at = store.table_generation()
+    with store.writer() as w:
+        w.set_part_columns(old, {"folder": pa.array(["a", "b"]),
+                                 "taken_source": pa.array(["mtime", "exif"])}, schema_version=2)
+        with pytest.raises(ValueError, match="embedding"):
+            w.set_part_columns(store.parts()[1], {"embedding": pa.array([1, 2])})
+        with pytest.raises(ValueError, match="3 values"):
+            w.set_part_columns(store.parts()[1], {"folder": pa.array(["a", "b", "c"])})
+    assert old not in store.parts() and len(store.parts()) == 2  # in its place, not appended
+    assert store.schema_version == 2
+    assert store.table_generation() == changed_at  # the search index stays valid
+    after_ids, after = store.vectors()
+    assert after_ids.tolist() == ids.tolist() and after.tobytes() == before.tobytes()
+    rows = store.read_table(["id", "folder", "taken_source"]).to_pylist()
+    assert rows == [{"id": 0, "folder": None, "taken_source": None},
+                    {"id": 1, "folder": None, "taken_source": None},
+                    {"id": 5, "folder": "a", "taken_source": "mtime"},
+                    {"id": 6, "folder": "b", "taken_source": "exif"}]
 
 
 def test_killed_writer_leftovers_are_ignored_then_cleaned(store):
