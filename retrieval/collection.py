@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # the embedder imports torch: only when a model is really nee
 
 
 
+ALLOWED_CACHE = 16  # filters whose passing rows a collection keeps (per store generation)
+
+
 @dataclass(frozen=True)
 class SearchResult:
     rank: int  # 1-based
@@ -81,6 +84,7 @@ class Collection:
         self._index_generation: int | None = None
         self._vectors: tuple[int, np.ndarray, np.ndarray] | None = None  # rows' embeddings
         self._row_filter: Any = None  # filters.RowFilter once a filtered search runs
+        self._allowed: dict[tuple, Any] = {}  # (generation, Filters) -> Allowed
 
     # ---- opening --------------------------------------------------------------------------
     @classmethod
@@ -354,18 +358,23 @@ class Collection:
         return results
 
     def _search_among(self, index: Any, query: np.ndarray, k: int,
-                      allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k of the allowed rows (a filtered search)."""
-        present, vectors = self._row_vectors(allowed)
-        allowed = np.asarray(allowed, np.int64)[present]
-        if len(allowed) == 0:
-            return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
-        scores = vectors @ query[0]
-        top = min(k, len(scores))
-        best = np.argpartition(-scores, top - 1)[:top] if top < len(scores) else \
-            np.arange(len(scores))
-        best = best[np.argsort(-scores[best], kind="stable")]
-        return scores[best][None], allowed[best][None]
+                      allowed: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The exact-or-near top-k among the allowed rows, at any selectivity
+        (filtered_search.py: exact over few rows, the index's ID selector over many)."""
+        from .filtered_search import search_filtered
+
+        scores, ids = search_filtered(index, query, k, allowed, vectors_of=self._vectors_of)
+        keep = ids[0] >= 0
+        return scores[:, keep], ids[:, keep]
+
+    def _vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """(n, D) stored embeddings of `ids`; a NaN row for an id without one."""
+        present, vectors = self._row_vectors(ids)
+        if present.all():
+            return vectors
+        out = np.full((len(ids), self.store.dim), np.nan, np.float32)
+        out[present] = vectors
+        return out
 
     def row_values(self, ids: Sequence[int], columns: Sequence[str]) -> dict[int, dict]:
         """id -> {column: value} of images' row columns (those filters see), JSON-able."""
@@ -379,10 +388,21 @@ class Collection:
         self.store.refresh()
         return self._row_filter
 
-    def passing_ids(self, filters: Any) -> np.ndarray:
-        """int64 ids of the images that pass `filters`' row filters (vqret.retrieval.filters:
-        sandboxed DuckDB over the rows)."""
-        return self._rows_sql().passing_ids(self.store, filters)
+    def passing_ids(self, filters: Any) -> Any:
+        """The images that pass `filters`' row filters (vqret.retrieval.filters: sandboxed
+        DuckDB over the rows), as a filtered_search.Allowed (len() is their number), kept
+        for the store generation: the same filter under another query costs nothing."""
+        from .filtered_search import Allowed
+
+        rows = self._rows_sql()
+        key = (self.store.generation, filters)
+        cached = self._allowed.get(key)
+        if cached is None:
+            cached = Allowed.from_ids(rows.passing_ids(self.store, filters))
+            if len(self._allowed) >= ALLOWED_CACHE:
+                self._allowed.pop(next(iter(self._allowed)))
+            self._allowed[key] = cached
+        return cached
 
     def _row_vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(present[len(ids)] bool, (n_present, D) embeddings) from the rows, which are read

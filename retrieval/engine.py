@@ -161,7 +161,7 @@ def nearest_hits(collection: Collection, query: Query,
     allowed = None
     if filters is not None and filters.selects_rows:
         allowed = collection.passing_ids(filters)
-        if len(allowed) == 0:
+        if allowed.count == 0:
             return [], f"no image passes the filters ({_said(filters)}): nothing to rank"
     results = collection.nearest(vector, fetch + len(excluded), table=query.table,
                                  allowed=allowed)
