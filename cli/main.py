@@ -386,6 +386,10 @@ from vqret.cli.bench_ray import register as _register_bench_ray  # noqa: E402
 
 _register_bench_ray(bench_app)
 
+from vqret.cli.bench_filter import register as _register_bench_filter  # noqa: E402
+
+_register_bench_filter(bench_app)
+
 
 @bench_app.command("recall")
 def bench_recall(

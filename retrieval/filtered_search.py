@@ -53,6 +53,7 @@ one filter (as a user changes the text under a fixed filter) pays it once.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -68,15 +69,17 @@ ROUTES = ("auto", "exact", "ann")
 WIDEN_EXPONENT = 0.6  # nprobe / efSearch x s^-0.6 (module notes)
 WIDEN_STEP = 4  # re-search this much wider while a query has fewer than k passing hits
 HNSW_EF_CAP = 16_384  # past this beam the exact route is cheaper at any collection size
+EVEN_SPREAD = 0.9  # spread of a filter that passes rows at random: ~1
+SPREAD_MAX = 3.0  # a filter gathered in few lists is probed up to 3x deeper (module notes)
 # Nanoseconds at d = 512 (module notes); terms marked "d" scale with the dimension.
 COSTS = {
-    "exact_row": 300.0,  # d: gather + score one passing row
-    "centroid": 50.0,  # d: one IVF centroid
-    "selector": 6.0,  # one IVF code tested against the selector
-    "ivf_code": 85.0,  # d: one passing code scored (fp16; SQ8 and PQ are no dearer)
+    "exact_row": 700.0,  # d: gather + score one passing row
+    "centroid": 85.0,  # d: one IVF centroid
+    "selector": 20.0,  # one IVF code tested against the selector
+    "ivf_code": 100.0,  # d: one passing code scored (fp16; SQ8 and PQ are no dearer)
     "hnsw_ef": 1700.0,  # d: one unit of efSearch
-    "flat_row": 2.0,  # one flat row tested
-    "flat_score": 60.0,  # d: one passing flat row scored
+    "flat_row": 5.0,  # one flat row tested
+    "flat_score": 100.0,  # d: one passing flat row scored
     "translate": 2.0,  # one id-map entry looked up (PQ plans: selector over positions)
 }
 # A bitmap selector costs (max id) / 8 bytes; past 64 bits an id a hash set is smaller.
@@ -110,6 +113,8 @@ class Allowed:
             raw = raw.astype(np.int64, copy=False)
             self._ids = raw[raw >= 0] if raw.size and raw.min() < 0 else raw
             self._mask = None
+        self._selector: faiss.IDSelector | None = None
+        self._in_lists: tuple[_Lists, np.ndarray, float] | None = None
 
     @classmethod
     def from_ids(cls, ids: np.ndarray) -> Allowed:
@@ -140,7 +145,7 @@ class Allowed:
     @property
     def _sorts(self) -> bool:
         # few ids (or ids too sparse for a bitmap): sorting them beats a pass over the id range
-        return self._ids is not None and (len(self._ids) < 65_536 or not self.uses_bitmap)
+        return self._ids is not None and (len(self._ids) < 4096 or not self.uses_bitmap)
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -154,8 +159,9 @@ class Allowed:
     @cached_property
     def unique(self) -> np.ndarray:
         """(count,) the distinct passing ids, ascending."""
-        if self._sorts:
-            return np.unique(self._ids)
+        if self._sorts:  # (numpy's unique hashes: 10x slower than a sort here)
+            ordered = np.sort(self._ids)
+            return ordered[np.concatenate([ordered[:1] >= 0, ordered[1:] != ordered[:-1]])]
         return np.flatnonzero(self.mask).astype(np.int64)
 
     @cached_property
@@ -180,8 +186,34 @@ class Allowed:
         found[inside] = mask[ids[inside]]
         return found
 
+    def in_lists(self, lists: _Lists) -> tuple[np.ndarray, float]:
+        """(passing rows per IVF list (nlist,), spread): one pass over the ids, kept for the
+        next query of this filter. spread: the lists holding passing rows over those a filter
+        of this size spread evenly would reach (~1 for a random sample of the rows, ~0.05
+        for rows that gather in a few lists)."""
+        cached = self._in_lists
+        if cached is not None and cached[0] is lists:
+            return cached[1], cached[2]
+        if self._ids is None or "unique" in self.__dict__:
+            ids = self.unique
+        else:
+            ids = self._ids  # duplicates count twice: only steering, never results
+        of_id = lists.of_id
+        found = of_id[ids[ids < len(of_id)]]
+        counts = np.bincount(found[found >= 0], minlength=len(lists.sizes))
+        share = min(1.0, counts.sum() / max(1, lists.sizes.sum()))
+        even = float((1 - (1 - share) ** lists.sizes).sum())  # lists reached, on average
+        spread = min(1.0, np.count_nonzero(counts) / even) if even > 0 else 1.0
+        self._in_lists = (lists, counts, spread)
+        return counts, spread
+
     def selector(self) -> faiss.IDSelector:
         """A faiss selector of these ids (it points into arrays this object keeps alive)."""
+        if self._selector is None:
+            self._selector = self._new_selector()
+        return self._selector
+
+    def _new_selector(self) -> faiss.IDSelector:
         if self.uses_bitmap:
             bitmap = self.bitmap
             sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
@@ -265,7 +297,8 @@ class FilterPlan:
 
 
 def _widened(tuned: int, selectivity: float, ceiling: int) -> int:
-    return int(min(ceiling, max(tuned, math.ceil(tuned * selectivity ** -WIDEN_EXPONENT))))
+    widened = tuned * max(selectivity, 1e-9) ** -WIDEN_EXPONENT
+    return int(min(ceiling, max(tuned, math.ceil(widened))))
 
 
 def plan_filtered(
@@ -412,15 +445,12 @@ def _ann(
     layout: _Layout,
     queries: np.ndarray,
     k: int,
-    allowed: Allowed,
+    sel: faiss.IDSelector,
     start: int,
+    needed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(scores, ids, rows still short of k hits, widest value used): the index's search with
-    a selector, repeated wider for the queries that found fewer than k passing rows."""
-    if layout.kind == "refine" and layout.id_map is not None:
-        sel = Allowed.from_mask(_position_mask(layout, allowed)).selector()
-    else:
-        sel = allowed.selector()
+    """(scores, ids, rows still short, widest value used): the index's search with a
+    selector, repeated wider for the queries that found fewer than `needed` passing rows."""
     ceiling = {"flat": 0, "hnsw": HNSW_EF_CAP}.get(layout.kind, layout.nlist)
     scores = np.full((len(queries), k), -np.inf, np.float32)
     ids = np.full((len(queries), k), -1, np.int64)
@@ -429,15 +459,115 @@ def _ann(
         found_scores, found_ids = index.search(
             queries[pending], k, params=_search_params(index, layout, sel, value))
         scores[pending], ids[pending] = found_scores, found_ids
-        pending = pending[(found_ids < 0).any(axis=1)]
+        pending = pending[(found_ids[:, :needed] < 0).any(axis=1)]
         # flat: every passing row was scored; IVF: all lists probed, every passing row seen
         if not len(pending) or value >= ceiling:
             return scores, ids, pending, value
-        value = min(ceiling, value * WIDEN_STEP)
+        value = min(ceiling, max(value + 1, value * WIDEN_STEP))
 
 
-def _position_mask(layout: _Layout, allowed: Allowed) -> np.ndarray:
-    return allowed.contains(layout.id_map)
+@dataclass
+class _Lists:
+    """Where an IVF index keeps its rows: the list of each id and the size of each list."""
+
+    of_id: np.ndarray  # (max id + 1,) int32, -1 for ids it doesn't hold
+    sizes: np.ndarray  # (nlist,)
+
+
+# Per index object, built once (~0.1 s at 1M rows): it turns a filter into the number of
+# passing rows each list holds (`Allowed.in_lists`).
+_LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _lists(index: faiss.Index, ivf: faiss.IndexIVF) -> _Lists | None:
+    """The lists of an IVF index, or None when its ids are too sparse for an array by id."""
+    try:
+        cached = _LISTS.get(index)
+    except TypeError:  # an index object that can't be weakly referenced
+        return None
+    if cached is not None and cached[0] == (ivf.ntotal, ivf.nlist):
+        return cached[1]
+    invlists = ivf.invlists
+    sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+    ids = np.empty(int(sizes.sum()), np.int64)
+    start = 0
+    for i in np.flatnonzero(sizes).tolist():
+        size = int(sizes[i])
+        pointer = invlists.get_ids(i)
+        ids[start:start + size] = faiss.rev_swig_ptr(pointer, size)
+        invlists.release_ids(i, pointer)
+        start += size
+    lists = None
+    if ids.size and ids.min() >= 0 and ids.max() < 4 * ids.size + 4096:
+        of_id = np.full(int(ids.max()) + 1, -1, np.int32)
+        of_id[ids] = np.repeat(np.arange(ivf.nlist, dtype=np.int32), sizes)
+        lists = _Lists(of_id, sizes)
+    _LISTS[index] = ((ivf.ntotal, ivf.nlist), lists)
+    return lists
+
+
+def _reused_ivf_params(sel: faiss.IDSelector) -> faiss.SearchParametersIVF:
+    # faiss' keyword constructor costs ~25 us, a tenth of a query: one per selector
+    params = getattr(sel, "ivf_params", None)
+    if params is None:
+        params = faiss.SearchParametersIVF(sel=sel)
+        params.sel_ref = sel
+        sel.ivf_params = params
+    return params
+
+
+def _ivf_by_lists(
+    layout: _Layout,
+    queries: np.ndarray,
+    k: int,
+    sel: faiss.IDSelector,
+    counts: np.ndarray,
+    spread: float,
+    planned: int,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(scores, ids, widest nprobe, rows the index holds): IVF search that probes, per
+    query and in the quantizer's order, only lists holding passing rows, until it has
+    probed `planned` of them and scanned as many passing rows as `planned` lists hold under
+    a filter spread evenly, both x 1/spread (<= SPREAD_MAX), and at least min(k, passing)
+    rows: a filter whose rows gather in a few lists far from the query is probed as deep as
+    it takes, and lists without a passing row are never scanned."""
+    ivf = layout.ivf
+    held = int(counts.sum())
+    needed = min(k, held)
+    deeper = min(SPREAD_MAX, 1.0 / max(spread, 1e-9))
+    lists_needed = planned * deeper
+    # a filter gathered in few lists: also as many passing rows as `planned` lists of an even
+    # one hold (its lists are partly passing, their passing rows on the far side); an even
+    # one probes `planned` lists, as the unfiltered search does at s = 1
+    rows_needed = needed if spread >= EVEN_SPREAD else max(needed,
+                                                          lists_needed * held / ivf.nlist)
+    # Order the lists a few times deeper than needed on average (a heap of nlist would cost
+    # as much as the centroid scores), all of them if some query needs more.
+    width = min(ivf.nlist, math.ceil(WIDEN_STEP * lists_needed / max(spread, 1e-9)))
+    while True:
+        centroid_scores, order = ivf.quantizer.search(queries, width)
+        in_list = counts[order]  # order >= 0: width <= nlist
+        enough = ((np.cumsum(in_list > 0, axis=1) >= lists_needed)
+                  & (np.cumsum(in_list, axis=1) >= rows_needed))
+        if width == ivf.nlist or enough[:, -1].all():
+            break
+        width = ivf.nlist  # some query needs lists further out: order them all
+    nprobe = np.where(enough.any(axis=1), enough.argmax(axis=1) + 1, width)
+    nprobe = np.maximum(nprobe, min(layout.nprobe, width))
+    widest = int(nprobe.max())
+    assign = np.ascontiguousarray(order[:, :widest])
+    # faiss skips list -1: past each query's depth, and lists no passing row is in
+    assign[(np.arange(widest)[None, :] >= nprobe[:, None]) | (in_list[:, :widest] == 0)] = -1
+    centroid_scores = np.ascontiguousarray(centroid_scores[:, :widest])
+    scores = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    params = _reused_ivf_params(sel)
+    params.nprobe = widest
+    # the C++ call: faiss' Python wrapper of search_preassigned refuses search parameters
+    ivf.search_preassigned_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(assign),
+                             faiss.swig_ptr(centroid_scores), faiss.swig_ptr(scores),
+                             faiss.swig_ptr(ids), False, params)
+    return scores, ids, widest, needed
 
 
 def filtered_search(
@@ -472,8 +602,24 @@ def filtered_search(
         return (*_trim(*_exact(queries, k, *found)), plan)
     plan.route = "ann"
     name = next(iter(plan.params), None)
-    scores, ids, short, value = _ann(index, layout, queries, k, allowed,
-                                     plan.params.get(name, 0))
+    planned = plan.params.get(name, 0)
+    if layout.kind == "refine" and layout.id_map is not None:
+        # over the positions the IVF lists hold (module notes): O(ntotal)
+        sel = Allowed.from_mask(allowed.contains(layout.id_map)).selector()
+    else:
+        sel = allowed.selector()
+    lists = _lists(index, layout.ivf) if layout.kind == "ivf" and layout.id_map is None else None
+    if lists is not None:
+        counts, spread = allowed.in_lists(lists)
+        scores, ids, value, needed = _ivf_by_lists(layout, queries, k, sel, counts, spread,
+                                                   planned)
+        short = np.flatnonzero((ids[:, :needed] < 0).any(axis=1))
+        if len(short):  # the index changed since the lists were read: widen as below
+            found = _ann(index, layout, queries[short], k, sel, value, needed)
+            scores[short], ids[short], value = found[0], found[1], max(value, found[3])
+            short = short[found[2]]
+    else:
+        scores, ids, short, value = _ann(index, layout, queries, k, sel, planned, k)
     if name:
         plan.params[name] = value
     if len(short) and layout.kind == "hnsw":
