@@ -22,6 +22,7 @@ Garbage never raises here: a field that can't be read is null (and `taken` the m
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -40,6 +41,7 @@ from PIL import ExifTags, Image
 
 from .images import _register_heif
 from .store_layout import row_schema
+from .urls import is_url
 
 # What a header tells, as the image table's columns (store_layout.row_schema); width and
 # height are the displayed size, after EXIF orientation.
@@ -118,13 +120,9 @@ def read_facts(source: str | os.PathLike[str] | bytes | BinaryIO) -> ImageFacts:
 
 
 def _open(source: Any) -> tuple[BinaryIO, bool]:
-    import io
-
     if isinstance(source, bytes | bytearray | memoryview):
         return io.BytesIO(source), True
     if isinstance(source, str | os.PathLike):
-        from .urls import is_url
-
         if isinstance(source, str) and is_url(source):
             from .remote import open_url  # fsspec, imported only when a URL is read
 
@@ -140,7 +138,7 @@ def _facts(img: Image.Image) -> ImageFacts:
         # an eXIf chunk after the pixels: Pillow would decode the whole image to reach it
         return ImageFacts(width=width, height=height, file_type=file_type)
     exif = _safe(img.getexif)
-    if exif is None:
+    if not exif:  # none (most PNGs, stripped JPEGs), or unreadable
         return ImageFacts(width=width, height=height, file_type=file_type)
     base = ExifTags.Base
     orientation = _safe(lambda: _orientation(exif.get(base.Orientation)))
