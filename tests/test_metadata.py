@@ -521,3 +521,18 @@ def test_an_upgrade_falls_back_to_the_row_where_a_file_says_nothing(tmp_path, ph
     assert beach["taken"] == datetime(1970, 1, 1) + timedelta(microseconds=mtime_us)  # UTC
     assert (beach["width"], beach["height"]) == (150, 200)  # as the old row had them
     assert beach["folder"] == "trips/2023"
+
+
+def test_a_url_source_has_folders_relative_to_its_root(tmp_path, photos, embedder):
+    """Rows of a remote source keep their full URL as path; the folder is still relative to
+    the indexed root, and an upgrade reads each header through fsspec."""
+    url = f"file://{photos}"
+    store = Store.create(tmp_path / "s.vqret", embedder.spec, url)
+    index_folder(store, embedder, url)
+    rows = _by_path(store)
+    beach = rows[f"{url}/trips/2023/beach.jpg"]
+    assert (beach["folder"], beach["camera_model"]) == ("trips/2023", "Pixel 7")
+    assert rows[f"{url}/plain.png"]["folder"] == ""
+    make_schema_1(store)
+    assert index_folder(store, NoModel(embedder), url).upgraded == 3
+    assert _by_path(store)[f"{url}/trips/2023/beach.jpg"]["camera_model"] == "Pixel 7"
