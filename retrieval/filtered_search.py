@@ -66,10 +66,12 @@ from .index import search_index
 VectorsOf = Callable[[np.ndarray], np.ndarray]
 
 ROUTES = ("auto", "exact", "ann")
-WIDEN_EXPONENT = 0.6  # nprobe / efSearch x s^-0.6 (module notes)
+# The widening of nprobe / efSearch for a filter passing a share s: x s^-exponent (notes)
+WIDEN_EXPONENT = {"ivf": 0.5, "refine": 0.5, "hnsw": 0.6}
 WIDEN_STEP = 4  # re-search this much wider while a query has fewer than k passing hits
 HNSW_EF_CAP = 16_384  # past this beam the exact route is cheaper at any collection size
 EVEN_SPREAD = 0.9  # spread of a filter that passes rows at random: ~1
+SUB_QUANTIZER_SHARE = 0.5  # under this share of lists holding passing rows, score theirs
 SPREAD_MAX = 3.0  # a filter gathered in few lists is probed up to 3x deeper (module notes)
 # Nanoseconds at d = 512 (module notes); terms marked "d" scale with the dimension.
 COSTS = {
@@ -114,7 +116,7 @@ class Allowed:
             self._ids = raw[raw >= 0] if raw.size and raw.min() < 0 else raw
             self._mask = None
         self._selector: faiss.IDSelector | None = None
-        self._in_lists: tuple[_Lists, np.ndarray, float] | None = None
+        self._in_lists: tuple[_Lists, _InLists] | None = None
 
     @classmethod
     def from_ids(cls, ids: np.ndarray) -> Allowed:
@@ -123,6 +125,9 @@ class Allowed:
     @classmethod
     def from_mask(cls, mask: np.ndarray) -> Allowed:
         return cls(mask=mask)
+
+    def __len__(self) -> int:
+        return self.count
 
     @property
     def size_hint(self) -> int:
@@ -186,26 +191,42 @@ class Allowed:
         found[inside] = mask[ids[inside]]
         return found
 
-    def in_lists(self, lists: _Lists) -> tuple[np.ndarray, float]:
-        """(passing rows per IVF list (nlist,), spread): one pass over the ids, kept for the
-        next query of this filter. spread: the lists holding passing rows over those a filter
-        of this size spread evenly would reach (~1 for a random sample of the rows, ~0.05
-        for rows that gather in a few lists)."""
+    def prepare(self, index: faiss.Index) -> Allowed:
+        """Compute now what searches of `index` under this filter will need (the selector,
+        the count and, for an IVF index, where the passing rows sit in its lists), so that
+        the first query doesn't pay for it; returns self."""
+        layout = _layout(index)
+        _ = self.count
+        self.selector()
+        if layout.kind == "ivf" and layout.id_map is None:
+            lists = _lists(index, layout.ivf)
+            if lists is not None:
+                self.in_lists(lists)
+        return self
+
+    def in_lists(self, lists: _Lists) -> _InLists:
+        """Where the passing rows sit in an IVF index's lists: one pass over the ids, kept
+        for the next query of this filter."""
         cached = self._in_lists
         if cached is not None and cached[0] is lists:
-            return cached[1], cached[2]
-        if self._ids is None or "unique" in self.__dict__:
-            ids = self.unique
-        else:
-            ids = self._ids  # duplicates count twice: only steering, never results
+            return cached[1]
+        ids = self.unique  # distinct: the counts also say whether every row passes
         of_id = lists.of_id
         found = of_id[ids[ids < len(of_id)]]
         counts = np.bincount(found[found >= 0], minlength=len(lists.sizes))
         share = min(1.0, counts.sum() / max(1, lists.sizes.sum()))
         even = float((1 - (1 - share) ** lists.sizes).sum())  # lists reached, on average
-        spread = min(1.0, np.count_nonzero(counts) / even) if even > 0 else 1.0
-        self._in_lists = (lists, counts, spread)
-        return counts, spread
+        holding = np.flatnonzero(counts)
+        spread = min(1.0, len(holding) / even) if even > 0 else 1.0
+        quantizer = None
+        if lists.centroids is not None and len(holding) <= SUB_QUANTIZER_SHARE * len(counts):
+            # faiss, not numpy: one query stays on one thread (numpy's BLAS would spread a
+            # (1, D) x (D, L) product over every core and wait for them on a busy machine)
+            quantizer = faiss.IndexFlatIP(lists.centroids.shape[1])
+            quantizer.add(np.ascontiguousarray(lists.centroids[holding]))
+        result = _InLists(counts, spread, holding, quantizer)
+        self._in_lists = (lists, result)
+        return result
 
     def selector(self) -> faiss.IDSelector:
         """A faiss selector of these ids (it points into arrays this object keeps alive)."""
@@ -237,35 +258,63 @@ def _as_allowed(allowed: np.ndarray | Allowed) -> Allowed:
 class _Layout:
     kind: str  # flat | hnsw | ivf | refine
     inner: faiss.Index  # under the id map, if any
-    id_map: np.ndarray | None  # position -> id, when an IDMap / IDMap2 wraps the index
+    outer: faiss.Index | None  # the IDMap / IDMap2 around it
     reverse: bool  # IDMap2: reconstruct by id
     ivf: faiss.IndexIVF | None = None
     nlist: int = 0
     nprobe: int = 0
     ef: int = 0
+    id_map: np.ndarray | None = None  # position -> id (a view), when an id map wraps it
+
+
+# The structure of an index (what wraps what), per index object: reading it is ~20 us of
+# SWIG calls, a tenth of a query. Its parameters (nprobe, efSearch, the id map) are read
+# afresh on every call, as the caller may change them.
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _layout(index: faiss.Index) -> _Layout:
+    try:
+        layout = _LAYOUTS.get(index)
+    except TypeError:  # an index object that can't be weakly referenced
+        layout = None
+    if layout is None:
+        layout = _read_layout(index)
+        try:
+            _LAYOUTS[index] = layout
+        except TypeError:
+            pass
+    if layout.outer is not None:
+        size = layout.outer.id_map.size()
+        layout.id_map = (faiss.rev_swig_ptr(layout.outer.id_map.data(), size) if size
+                         else np.zeros(0, np.int64))
+    if layout.ivf is not None:
+        layout.nprobe = int(layout.ivf.nprobe)
+    elif layout.kind == "hnsw":
+        layout.ef = int(layout.inner.hnsw.efSearch)
+    return layout
+
+
+def _read_layout(index: faiss.Index) -> _Layout:
     outer = faiss.downcast_index(index)
-    id_map, reverse, inner = None, False, outer
+    reverse, inner = False, outer
     if isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
         inner = faiss.downcast_index(outer.index)
         reverse = isinstance(outer, faiss.IndexIDMap2)
-        size = outer.id_map.size()
-        id_map = (faiss.rev_swig_ptr(outer.id_map.data(), size) if size
-                  else np.zeros(0, np.int64))
+    else:
+        outer = None
     if hasattr(inner, "hnsw"):
-        return _Layout("hnsw", inner, id_map, reverse, ef=int(inner.hnsw.efSearch))
+        return _Layout("hnsw", inner, outer, reverse)
     if isinstance(inner, faiss.IndexRefine):
         ivf = faiss.extract_index_ivf(inner.base_index)
-        return _Layout("refine", inner, id_map, reverse, ivf, ivf.nlist, ivf.nprobe)
+        return _Layout("refine", inner, outer, reverse, ivf, ivf.nlist)
     if isinstance(inner, faiss.IndexFlat):
-        return _Layout("flat", inner, id_map, reverse)
+        return _Layout("flat", inner, outer, reverse)
     try:
         ivf = faiss.extract_index_ivf(inner)
     except RuntimeError:
         raise ValueError(f"filtered search can't handle {type(inner).__name__}") from None
-    return _Layout("ivf", inner, id_map, reverse, ivf, ivf.nlist, ivf.nprobe)
+    return _Layout("ivf", inner, outer, reverse, ivf, ivf.nlist)
 
 
 def _exact_storage(layout: _Layout) -> faiss.Index | None:
@@ -296,8 +345,8 @@ class FilterPlan:
     reason: str = ""
 
 
-def _widened(tuned: int, selectivity: float, ceiling: int) -> int:
-    widened = tuned * max(selectivity, 1e-9) ** -WIDEN_EXPONENT
+def _widened(tuned: int, selectivity: float, ceiling: int, kind: str) -> int:
+    widened = tuned * max(selectivity, 1e-9) ** -WIDEN_EXPONENT[kind]
     return int(min(ceiling, max(tuned, math.ceil(widened))))
 
 
@@ -325,11 +374,11 @@ def _plan(
     if layout.kind == "flat":
         ann_ns = COSTS["flat_row"] * ntotal + COSTS["flat_score"] * d * m
     elif layout.kind == "hnsw":
-        ef = _widened(max(layout.ef, k), s, HNSW_EF_CAP)
+        ef = _widened(max(layout.ef, k), s, HNSW_EF_CAP, "hnsw")
         params = {"efSearch": ef}
         ann_ns = COSTS["hnsw_ef"] * d * ef
     else:
-        nprobe = _widened(max(layout.nprobe, 1), s, layout.nlist)
+        nprobe = _widened(max(layout.nprobe, 1), s, layout.nlist, layout.kind)
         params = {"nprobe": nprobe}
         scanned = nprobe * ntotal / max(layout.nlist, 1)
         ann_ns = (COSTS["centroid"] * d * layout.nlist
@@ -472,6 +521,19 @@ class _Lists:
 
     of_id: np.ndarray  # (max id + 1,) int32, -1 for ids it doesn't hold
     sizes: np.ndarray  # (nlist,)
+    centroids: np.ndarray | None  # (nlist, D) of an inner-product flat quantizer (a view)
+
+
+@dataclass
+class _InLists:
+    """Where a filter's passing rows sit in an IVF index's lists."""
+
+    counts: np.ndarray  # (nlist,) passing rows in each list
+    # the lists holding passing rows over those a filter of this size spread evenly would
+    # reach: ~1 for a random sample of the rows, ~0.05 for rows gathered in a few lists
+    spread: float
+    holding: np.ndarray  # (L,) the lists holding passing rows
+    quantizer: faiss.IndexFlatIP | None  # their L centroids, when they are few
 
 
 # Per index object, built once (~0.1 s at 1M rows): it turns a filter into the number of
@@ -501,7 +563,13 @@ def _lists(index: faiss.Index, ivf: faiss.IndexIVF) -> _Lists | None:
     if ids.size and ids.min() >= 0 and ids.max() < 4 * ids.size + 4096:
         of_id = np.full(int(ids.max()) + 1, -1, np.int32)
         of_id[ids] = np.repeat(np.arange(ivf.nlist, dtype=np.int32), sizes)
-        lists = _Lists(of_id, sizes)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        centroids = None
+        if (isinstance(quantizer, faiss.IndexFlat)
+                and quantizer.metric_type == faiss.METRIC_INNER_PRODUCT):
+            centroids = faiss.rev_swig_ptr(quantizer.get_xb(), ivf.nlist * ivf.d).reshape(
+                ivf.nlist, ivf.d)
+        lists = _Lists(of_id, sizes, centroids)
     _LISTS[index] = ((ivf.ntotal, ivf.nlist), lists)
     return lists
 
@@ -521,16 +589,17 @@ def _ivf_by_lists(
     queries: np.ndarray,
     k: int,
     sel: faiss.IDSelector,
-    counts: np.ndarray,
-    spread: float,
+    where: _InLists,
     planned: int,
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(scores, ids, widest nprobe, rows the index holds): IVF search that probes, per
+    """(scores, ids, most lists probed, rows the index holds): IVF search that probes, per
     query and in the quantizer's order, only lists holding passing rows, until it has
-    probed `planned` of them and scanned as many passing rows as `planned` lists hold under
-    a filter spread evenly, both x 1/spread (<= SPREAD_MAX), and at least min(k, passing)
-    rows: a filter whose rows gather in a few lists far from the query is probed as deep as
-    it takes, and lists without a passing row are never scanned."""
+    probed `planned` of them (x 1/spread, <= SPREAD_MAX, for a filter gathered in few lists,
+    which then also scans as many passing rows as `planned` lists hold under an even one),
+    and at least min(k, passing) rows: a filter whose rows gather in a few lists far from
+    the query is probed as deep as it takes, and lists without a passing row are never
+    scanned. When those lists are few, only their centroids are scored."""
+    counts, spread = where.counts, where.spread
     ivf = layout.ivf
     held = int(counts.sum())
     needed = min(k, held)
@@ -541,17 +610,26 @@ def _ivf_by_lists(
     # one probes `planned` lists, as the unfiltered search does at s = 1
     rows_needed = needed if spread >= EVEN_SPREAD else max(needed,
                                                           lists_needed * held / ivf.nlist)
-    # Order the lists a few times deeper than needed on average (a heap of nlist would cost
-    # as much as the centroid scores), all of them if some query needs more.
-    width = min(ivf.nlist, math.ceil(WIDEN_STEP * lists_needed / max(spread, 1e-9)))
-    while True:
-        centroid_scores, order = ivf.quantizer.search(queries, width)
-        in_list = counts[order]  # order >= 0: width <= nlist
+    if where.quantizer is not None:
+        # few lists hold passing rows: order those alone (the others are never probed)
+        width = len(where.holding)
+        centroid_scores, by_score = where.quantizer.search(queries, width)  # (Q, L)
+        order = where.holding[by_score]
+        in_list = counts[order]
         enough = ((np.cumsum(in_list > 0, axis=1) >= lists_needed)
                   & (np.cumsum(in_list, axis=1) >= rows_needed))
-        if width == ivf.nlist or enough[:, -1].all():
-            break
-        width = ivf.nlist  # some query needs lists further out: order them all
+    else:
+        # Order the lists a few times deeper than needed on average (a heap of nlist costs
+        # as much as the centroid scores), all of them if some query needs more.
+        width = min(ivf.nlist, math.ceil(2 * lists_needed / max(spread, 1e-9)))
+        while True:
+            centroid_scores, order = ivf.quantizer.search(queries, width)
+            in_list = counts[order]  # order >= 0: width <= nlist
+            enough = ((np.cumsum(in_list > 0, axis=1) >= lists_needed)
+                      & (np.cumsum(in_list, axis=1) >= rows_needed))
+            if width == ivf.nlist or enough[:, -1].all():
+                break
+            width = ivf.nlist  # some query needs lists further out: order them all
     nprobe = np.where(enough.any(axis=1), enough.argmax(axis=1) + 1, width)
     nprobe = np.maximum(nprobe, min(layout.nprobe, width))
     widest = int(nprobe.max())
@@ -567,7 +645,7 @@ def _ivf_by_lists(
     ivf.search_preassigned_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(assign),
                              faiss.swig_ptr(centroid_scores), faiss.swig_ptr(scores),
                              faiss.swig_ptr(ids), False, params)
-    return scores, ids, widest, needed
+    return scores, ids, int((assign >= 0).sum(axis=1).max()), needed
 
 
 def filtered_search(
@@ -610,16 +688,23 @@ def filtered_search(
         sel = allowed.selector()
     lists = _lists(index, layout.ivf) if layout.kind == "ivf" and layout.id_map is None else None
     if lists is not None:
-        counts, spread = allowed.in_lists(lists)
-        scores, ids, value, needed = _ivf_by_lists(layout, queries, k, sel, counts, spread,
-                                                   planned)
+        where = allowed.in_lists(lists)
+        if where.counts.sum() == index.ntotal:  # every row passes: the unfiltered search
+            plan.params[name] = layout.nprobe
+            plan.reason = "every row of the index passes: its unfiltered search"
+            return (*search_index(index, queries, k), plan)
+    if lists is not None and (where.spread < EVEN_SPREAD
+                              or len(where.holding) < EVEN_SPREAD * layout.nlist):
+        # some lists hold no passing row: order and probe only those that do
+        scores, ids, value, needed = _ivf_by_lists(layout, queries, k, sel, where, planned)
         short = np.flatnonzero((ids[:, :needed] < 0).any(axis=1))
         if len(short):  # the index changed since the lists were read: widen as below
             found = _ann(index, layout, queries[short], k, sel, value, needed)
             scores[short], ids[short], value = found[0], found[1], max(value, found[3])
             short = short[found[2]]
-    else:
-        scores, ids, short, value = _ann(index, layout, queries, k, sel, planned, k)
+    else:  # passing rows in (nearly) every list: the index's own search, widened
+        needed = k if lists is None else min(k, int(where.counts.sum()))
+        scores, ids, short, value = _ann(index, layout, queries, k, sel, planned, needed)
     if name:
         plan.params[name] = value
     if len(short) and layout.kind == "hnsw":

@@ -138,9 +138,8 @@ def test_without_vectors_each_index_still_finds_k(data, indexes, kind):
     scores, found, plan = filtered_search.filtered_search(indexes[kind], data[2], K, passing)
     assert found.shape == (len(data[2]), len(passing))
     assert all(set(row) == set(passing) for row in found)
-    if kind == "ivf":
-        assert plan.route == "ann"
-        assert plan.params["nprobe"] == faiss.extract_index_ivf(indexes[kind]).nlist
+    if kind == "ivf":  # every list holding one of the 8 rows probed, no other
+        assert plan.route == "ann" and plan.params["nprobe"] <= len(passing)
     else:
         assert plan.route == "exact"
 
@@ -169,7 +168,7 @@ def test_ivf_widens_nprobe_until_k_passing_rows(data, indexes):
 
 def test_hnsw_falls_back_to_exact_when_its_beam_gives_up(data, indexes, monkeypatch):
     monkeypatch.setattr(filtered_search, "HNSW_EF_CAP", 16)
-    monkeypatch.setattr(filtered_search, "WIDEN_EXPONENT", 0.0)  # no widening up front
+    monkeypatch.setitem(filtered_search.WIDEN_EXPONENT, "hnsw", 0.0)  # no widening up front
     passing = draw_passing(data, 0.003, seed=4)  # 12 rows: a 16-wide beam misses most
     scores, found, plan = filtered_search.filtered_search(indexes["hnsw"], data[2], K, passing,
                                                           route="ann")
@@ -309,3 +308,15 @@ def test_arguments(data, indexes):
     assert search_filtered(indexes["flat"], queries, 0, ids)[1].shape == (len(queries), 0)
     empty = build_index(np.zeros(0, np.int64), np.zeros((0, DIM), np.float32))
     assert search_filtered(empty, queries, K, ids)[1].shape == (len(queries), 0)
+
+
+def test_an_ivf_filter_passing_every_row_is_the_unfiltered_search(data, indexes):
+    ids, _, queries = data
+    scores, found, plan = filtered_search.filtered_search(indexes["ivf"], queries, K,
+                                                          np.concatenate([ids, [10**9]]))
+    plain_scores, plain = search_index(indexes["ivf"], queries, K)
+    np.testing.assert_array_equal(found, plain)
+    assert "unfiltered" in plan.reason
+    # one row short of all: the filtered search, which never returns that row
+    _, found, plan = filtered_search.filtered_search(indexes["ivf"], queries, K, ids[1:])
+    assert "unfiltered" not in plan.reason and not (found == ids[0]).any()
