@@ -1,53 +1,66 @@
 """Filtered search: the top-k among the rows a filter passes, at any selectivity.
 
 Arrays in, arrays out: the caller turns a filter into the ids of the passing rows (DuckDB over
-the store's Parquet parts); `search_filtered(index, queries, k, allowed)` returns their best
-k. It never returns fewer than min(k, passing rows in the index) results, and on an exact
-index they are the exact filtered top-k.
+the store's rows) and `search_filtered(index, queries, k, allowed)` returns their best k,
+scored as `search_index` scores. It never returns fewer than min(k, passing rows the index
+holds), and on an exact index they are the exact filtered top-k. `Allowed` is a filter
+prepared for search (distinct ids, a bitmap, a faiss selector, where its rows sit in an IVF
+index's lists); a caller that keeps it for the queries of one filter pays that once.
 
-Two routes, chosen per call by estimated cost (`plan_filtered`):
-- **exact**: score every passing row. The float32 vectors come from the index when it holds
-  them (IDMap2 over Flat or HNSWFlat: `reconstruct_batch`; the re-ranking vectors of a PQ
-  plan), else from `vectors_of(ids)`, which the caller reads from the store rows.
-- **ann**: the index's own search with a faiss ID selector (`IDSelectorBitmap` over the ids;
-  inside IDMap the selector is translated to positions by faiss, except behind IndexRefine,
-  where the IVF parameters are nested and we translate the selector ourselves). A filter
-  hides most of what a probe finds: with only a share s of rows passing, an IVF probe of
-  nprobe lists or an HNSW beam of efSearch holds s times fewer candidates, and the filtered
-  neighbours lie further out. So nprobe / efSearch are widened to `tuned x s^-0.6` up front
-  (measured below), and the search is repeated 4x wider while any query has fewer than k
-  passing hits; once every IVF list is probed (all passing rows seen) or an HNSW beam would
-  exceed `HNSW_EF_CAP`, the exact route answers.
+Two routes, chosen per call by estimated cost (`_plan`, `COSTS`):
+- **exact**: score every passing row in float32. The vectors come from the index when it
+  holds them (IDMap2 over Flat or HNSWFlat: `reconstruct_batch` by id; a PQ plan's
+  re-ranking vectors, by position), else from `vectors_of(ids)`, the store rows' embeddings.
+- **ann**: the index's own search with a faiss ID selector (`IDSelectorBitmap`, or a hash
+  set `IDSelectorBatch` for ids too sparse for a bitmap). IDMap / IDMap2 translate a
+  selector of ids to positions for the search under them (faiss >= 1.7.4), but IndexRefine
+  (PQ plans: IDMap -> IndexRefineFlat -> OPQ,IVF-PQ) passes only its nested IVF parameters
+  on, where a selector of ids would test positions: the selector is built over the
+  positions of the id map instead (O(ntotal)). Flat: exact by construction.
 
-Why s^-0.6, and the costs the choice compares. Measured on the CLIP-like mixture of
-benchmarks/ann_data.py at d = 512, one thread, 2 shared cores (100k: IVF1024,SQfp16 tuned to
-nprobe 8; HNSW32 tuned to efSearch 64), recall@10 against exact filtered search:
+Widening. A filter passing a share s of the rows is a sparser collection: its 10 nearest rows
+lie as far out as the unfiltered 10/s nearest, in more IVF lists and further along an HNSW
+graph. nprobe and efSearch are widened up front to `tuned x s^-a` and the search is repeated
+4x wider for any query still short of min(k, passing) hits; once every IVF list is probed
+every passing row has been seen, and an HNSW beam past `HNSW_EF_CAP` hands over to the exact
+route. a was measured on the CLIP-like mixture of benchmarks/ann_data.py (d = 512, one
+thread, 2 shared cores), recall@10 against exact filtered search, filters passing rows at
+random (capture-time windows):
 
-    selectivity               0.1%   0.3%    1%     3%    10%    50%   100%
-    IVF nprobe for >= 0.97     512    256    128     32     16     12      8
-    HNSW efSearch for >= 0.97 8192   4096   2048    512    128    128    128
+    IVF4096,SQfp16 at 1M (tuned nprobe 16)   0.3%    1%     3%    10%    50%
+      a = 0.4   recall@10                   0.998  0.998  0.998  0.997  0.984
+                latency / unfiltered        1.02x  1.15x  1.04x  1.10x  1.25x
+      a = 0.5                               1.000  0.999  1.000  0.998  0.987
+                                            1.47x  1.43x  1.21x  1.19x  1.28x
+    HNSW32 at 100k (tuned efSearch 64)      0.3%    1%     3%    10%    50%
+      efSearch for recall@10 >= 0.97        4096   2048    512    128    128   (a ~ 0.6)
 
-Both grow like s^-0.6 (a filter of share s is a sparser collection: its 10 nearest rows lie as
-far out as the unfiltered 10/s nearest, and the lists / graph nodes holding them grow
-sub-linearly with that depth in ~30 intrinsic dimensions).
+a = 0.5 for IVF keeps a margin over 0.95 at smaller collections (at 100k, s^-0.5 gives
+0.988 at 1%), and 0.6 for HNSW.
 
-Costs, in nanoseconds at d = 512 (`COSTS`; distance terms scale with d):
-- exact: each passing row is gathered from wherever it lives and scored, ~300 ns a row
-  (2 KB of float32 in arbitrary order: memory-bound). 1,000 rows 0.3 ms, 10,000 rows 3 ms.
-- IVF: the coarse quantizer scores every centroid (~50 ns each, contiguous), then every code
-  of the probed lists is tested against the selector (~6 ns) and only the passing ones are
-  scored (~85 ns for fp16). A selective filter makes each list cheaper: at 1% a probed list
-  of 244 codes costs ~1.7 us instead of ~21 us unfiltered.
-- HNSW: ~1.7 us per unit of efSearch (each expansion scores ~20 neighbours, passing or not).
-- Flat with a selector: every row tested (~2 ns), passing rows scored (~60 ns contiguous).
-Exact wins when the filter is small next to the work the ANN route must do at that
-selectivity: at 1M x 512 under IVF4096 (nprobe 16), up to ~2,000 passing rows (0.2%); under
-HNSW, up to a few % of the rows (its beam must grow to ~k/s). Both routes are exact-or-near
-where they are chosen, so a wrong guess of the crossover costs time, never results.
+Filters that gather (an album, a folder of one trip): their rows fill a few IVF lists, often
+far from the query, and a probe in the quantizer's order meets lists without a passing row
+first. With the index's ids known per list (`_lists`, read once per index object) a filter
+knows how many passing rows each list holds (`Allowed.in_lists`, once per filter), and the
+IVF search then orders and probes only the lists that hold some (scoring only their
+centroids when they are fewer than half the lists): `planned` of them, x 1/spread up to 3x,
+where spread is the lists holding passing rows over those an evenly spread filter of the same
+size would reach (~1 for rows at random, ~0.02 for 1% of the rows nearest one subject), and
+for such a filter also as many passing rows as `planned` lists of an even one hold. Recall@10
+at 1M for the s of the rows nearest a random subject (`vqret bench filter`, subject family):
+1.000 at 1%, 0.966 at 10%, 0.993 at 50%; without the spread factor it was 0.70-0.93 at
+1-10% (100k).
 
-A filter given as an id array costs O(passing rows) to turn into a selector (~1 ns an id:
-1 ms at 1M ids): an `Allowed` prepared once (`Allowed.from_ids`) and reused by the queries of
-one filter (as a user changes the text under a fixed filter) pays it once.
+The choice between routes, measured at 1M x 512 under IVF4096,SQfp16 (benchmarks/README,
+"Filtered search"): the exact route costs ~0.7 us a passing row (2 KB gathered from the
+store's rows in arbitrary order, memory-bound: 0.70 ms for 1,000 rows, 14.8 ms for 10,000,
+where the gather grows to 1.5 us a row), the index's route a fixed ~0.15 ms, 85 ns a centroid
+scored, ~1 us a list probed, ~8 ns a code tested against the selector and ~110 ns a passing
+code scored (0.36-1.4 ms from 0.01% to 1%). Exact wins below ~2,000 passing rows (0.2%)
+for filters at random; a gathered filter probes few lists and the index's route wins
+earlier (0.28 ms against 0.70 ms exact for 1,000 rows nearest a subject), which the
+estimate sees through `in_lists`. Both routes return exact-or-near results where chosen, so a
+wrong guess of the crossover costs time, never results.
 """
 
 from __future__ import annotations
@@ -75,10 +88,13 @@ SUB_QUANTIZER_SHARE = 0.5  # under this share of lists holding passing rows, sco
 SPREAD_MAX = 3.0  # a filter gathered in few lists is probed up to 3x deeper (module notes)
 # Nanoseconds at d = 512 (module notes); terms marked "d" scale with the dimension.
 COSTS = {
+    "exact_fixed": 50_000.0,  # one exact-route call (Python, allocations)
     "exact_row": 700.0,  # d: gather + score one passing row
-    "centroid": 85.0,  # d: one IVF centroid
-    "selector": 20.0,  # one IVF code tested against the selector
-    "ivf_code": 100.0,  # d: one passing code scored (fp16; SQ8 and PQ are no dearer)
+    "ann_fixed": 150_000.0,  # one index-route call (Python, the quantizer call, heaps)
+    "centroid": 85.0,  # d: one IVF centroid scored
+    "ivf_list": 1000.0,  # one IVF list probed (its scanner set up, first cache misses)
+    "selector": 8.0,  # one IVF code tested against the selector
+    "ivf_code": 110.0,  # d: one passing code scored (fp16; SQ8 and PQ are no dearer)
     "hnsw_ef": 1700.0,  # d: one unit of efSearch
     "flat_row": 5.0,  # one flat row tested
     "flat_score": 100.0,  # d: one passing flat row scored
@@ -364,25 +380,41 @@ def plan_filtered(
 
 
 def _plan(
-    layout: _Layout, ntotal: int, dim: int, m: int, k: int, source: str | None
+    layout: _Layout,
+    ntotal: int,
+    dim: int,
+    m: int,
+    k: int,
+    source: str | None,
+    where: _InLists | None = None,
 ) -> FilterPlan:
+    """The cheaper route by the cost model of the module notes; `where` (an IVF index's
+    lists holding the passing rows) refines the IVF estimate beyond an evenly spread filter."""
     s = min(1.0, m / max(ntotal, 1))
     d = dim / 512
     translate = COSTS["translate"] * ntotal  # finding positions in an id map
-    exact_ns = COSTS["exact_row"] * d * m + (translate if source == "position" else 0.0)
+    exact_ns = (COSTS["exact_fixed"] + COSTS["exact_row"] * d * m
+                + (translate if source == "position" else 0.0))
     params: dict[str, int] = {}
     if layout.kind == "flat":
         ann_ns = COSTS["flat_row"] * ntotal + COSTS["flat_score"] * d * m
     elif layout.kind == "hnsw":
         ef = _widened(max(layout.ef, k), s, HNSW_EF_CAP, "hnsw")
         params = {"efSearch": ef}
-        ann_ns = COSTS["hnsw_ef"] * d * ef
+        ann_ns = COSTS["ann_fixed"] + COSTS["hnsw_ef"] * d * ef
     else:
-        nprobe = _widened(max(layout.nprobe, 1), s, layout.nlist, layout.kind)
+        nlist = max(layout.nlist, 1)
+        nprobe = _widened(max(layout.nprobe, 1), s, nlist, layout.kind)
         params = {"nprobe": nprobe}
-        scanned = nprobe * ntotal / max(layout.nlist, 1)
-        ann_ns = (COSTS["centroid"] * d * layout.nlist
-                  + scanned * (COSTS["selector"] + s * COSTS["ivf_code"] * d))
+        probed, centroids, passing = nprobe, nlist, s * nprobe * ntotal / nlist
+        if where is not None and len(where.holding):
+            holding = len(where.holding)
+            probed = min(holding, nprobe * min(SPREAD_MAX, 1.0 / max(where.spread, 1e-9)))
+            centroids = holding if where.quantizer is not None else nlist
+            passing = where.counts.sum() * probed / holding
+        ann_ns = (COSTS["ann_fixed"] + COSTS["centroid"] * d * centroids
+                  + COSTS["ivf_list"] * probed + COSTS["selector"] * probed * ntotal / nlist
+                  + COSTS["ivf_code"] * d * passing)
         if layout.kind == "refine" and layout.id_map is not None:
             ann_ns += translate  # the selector over the IVF lists' positions
     plan = FilterPlan("ann", m, s, params, round(exact_ns / 1e6, 4), round(ann_ns / 1e6, 4))
@@ -667,7 +699,11 @@ def filtered_search(
     source = _exact_source(layout, vectors_of is not None)
     m = allowed.count
     k = min(int(k), m, int(index.ntotal))
-    plan = _plan(layout, int(index.ntotal), index.d, m, k, source)
+    lists = where = None
+    if k > 0 and layout.kind == "ivf" and layout.id_map is None:
+        lists = _lists(index, layout.ivf)
+        where = allowed.in_lists(lists) if lists is not None else None
+    plan = _plan(layout, int(index.ntotal), index.d, m, k, source, where)
     if k <= 0:
         plan.reason = "nothing passes" if m == 0 or index.ntotal == 0 else "k = 0"
         return (*_empty(len(queries)), plan)
@@ -686,14 +722,11 @@ def filtered_search(
         sel = Allowed.from_mask(allowed.contains(layout.id_map)).selector()
     else:
         sel = allowed.selector()
-    lists = _lists(index, layout.ivf) if layout.kind == "ivf" and layout.id_map is None else None
-    if lists is not None:
-        where = allowed.in_lists(lists)
-        if where.counts.sum() == index.ntotal:  # every row passes: the unfiltered search
-            plan.params[name] = layout.nprobe
-            plan.reason = "every row of the index passes: its unfiltered search"
-            return (*search_index(index, queries, k), plan)
-    if lists is not None and (where.spread < EVEN_SPREAD
+    if where is not None and where.counts.sum() == index.ntotal:
+        plan.params[name] = layout.nprobe  # every row passes: the unfiltered search
+        plan.reason = "every row of the index passes: its unfiltered search"
+        return (*search_index(index, queries, k), plan)
+    if where is not None and (where.spread < EVEN_SPREAD
                               or len(where.holding) < EVEN_SPREAD * layout.nlist):
         # some lists hold no passing row: order and probe only those that do
         scores, ids, value, needed = _ivf_by_lists(layout, queries, k, sel, where, planned)
@@ -703,7 +736,7 @@ def filtered_search(
             scores[short], ids[short], value = found[0], found[1], max(value, found[3])
             short = short[found[2]]
     else:  # passing rows in (nearly) every list: the index's own search, widened
-        needed = k if lists is None else min(k, int(where.counts.sum()))
+        needed = k if where is None else min(k, int(where.counts.sum()))
         scores, ids, short, value = _ann(index, layout, queries, k, sel, planned, needed)
     if name:
         plan.params[name] = value
