@@ -56,11 +56,11 @@ The choice between routes, measured at 1M x 512 under IVF4096,SQfp16 (benchmarks
 store's rows in arbitrary order, memory-bound: 0.70 ms for 1,000 rows, 14.8 ms for 10,000,
 where the gather grows to 1.5 us a row), the index's route a fixed ~0.15 ms, 85 ns a centroid
 scored, ~1 us a list probed, ~8 ns a code tested against the selector and ~110 ns a passing
-code scored (0.36-1.4 ms from 0.01% to 1%). Exact wins below ~2,000 passing rows (0.2%)
-for filters at random; a gathered filter probes few lists and the index's route wins
-earlier (0.28 ms against 0.70 ms exact for 1,000 rows nearest a subject), which the
-estimate sees through `in_lists`. Both routes return exact-or-near results where chosen, so a
-wrong guess of the crossover costs time, never results.
+code scored (0.36-1.4 ms from 0.01% to 1%). Exact wins up to a few thousand passing rows
+for filters at random (2,000 still, 5,000 not); a gathered filter probes few lists and the
+index's route wins earlier (0.31 ms against 0.77 ms exact for the 1,000 rows nearest a
+subject), which the estimate sees through `in_lists`. Both routes return exact-or-near
+results where chosen, so a wrong guess of the crossover costs time, never results.
 """
 
 from __future__ import annotations
