@@ -68,7 +68,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import faiss
@@ -144,11 +144,6 @@ class Allowed:
 
     def __len__(self) -> int:
         return self.count
-
-    @property
-    def size_hint(self) -> int:
-        """An upper bound on `count` that costs nothing."""
-        return len(self._ids) if self._ids is not None else len(self._mask)
 
     @cached_property
     def max_id(self) -> int:
@@ -300,15 +295,16 @@ def _layout(index: faiss.Index) -> _Layout:
             _LAYOUTS[index] = layout
         except TypeError:
             pass
+    fresh = {}  # into a copy: searches from several threads share the cached one
     if layout.outer is not None:
         size = layout.outer.id_map.size()
-        layout.id_map = (faiss.rev_swig_ptr(layout.outer.id_map.data(), size) if size
-                         else np.zeros(0, np.int64))
+        fresh["id_map"] = (faiss.rev_swig_ptr(layout.outer.id_map.data(), size) if size
+                           else np.zeros(0, np.int64))
     if layout.ivf is not None:
-        layout.nprobe = int(layout.ivf.nprobe)
+        fresh["nprobe"] = int(layout.ivf.nprobe)
     elif layout.kind == "hnsw":
-        layout.ef = int(layout.inner.hnsw.efSearch)
-    return layout
+        fresh["ef"] = int(layout.inner.hnsw.efSearch)
+    return replace(layout, **fresh)
 
 
 def _read_layout(index: faiss.Index) -> _Layout:
@@ -482,12 +478,26 @@ def _passing_vectors(
         ids = layout.id_map[positions] if layout.id_map is not None else positions
         return ids.astype(np.int64), storage.reconstruct_batch(positions)
     ids = allowed.unique
-    vectors = np.asarray(vectors_of(ids), dtype=np.float32)
-    if vectors.shape != (len(ids), index.d):
-        raise ValueError(f"vectors_of gave an array of {vectors.shape} for {len(ids)} ids, "
-                         f"expected ({len(ids)}, {index.d})")
+    vectors = _checked_vectors(vectors_of, ids, index.d)
     known = ~np.isnan(vectors).any(axis=1)  # a NaN row: an id the store holds no vector for
     return ids[known], vectors[known]
+
+
+def _unsteerable(
+    queries: np.ndarray, k: int, allowed: Allowed, vectors_of: VectorsOf, index: faiss.Index
+) -> tuple[np.ndarray, np.ndarray]:
+    ids = allowed.unique
+    vectors = _checked_vectors(vectors_of, ids, index.d)
+    known = ~np.isnan(vectors).any(axis=1)
+    return _trim(*_exact(queries, min(int(k), int(known.sum())), ids[known], vectors[known]))
+
+
+def _checked_vectors(vectors_of: VectorsOf, ids: np.ndarray, dim: int) -> np.ndarray:
+    vectors = np.asarray(vectors_of(ids), dtype=np.float32)
+    if vectors.shape != (len(ids), dim):
+        raise ValueError(f"vectors_of gave an array of {vectors.shape} for {len(ids)} ids, "
+                         f"expected ({len(ids)}, {dim})")
+    return vectors
 
 
 def _exact(
@@ -606,16 +616,6 @@ def _lists(index: faiss.Index, ivf: faiss.IndexIVF) -> _Lists | None:
     return lists
 
 
-def _reused_ivf_params(sel: faiss.IDSelector) -> faiss.SearchParametersIVF:
-    # faiss' keyword constructor costs ~25 us, a tenth of a query: one per selector
-    params = getattr(sel, "ivf_params", None)
-    if params is None:
-        params = faiss.SearchParametersIVF(sel=sel)
-        params.sel_ref = sel
-        sel.ivf_params = params
-    return params
-
-
 def _ivf_by_lists(
     layout: _Layout,
     queries: np.ndarray,
@@ -671,8 +671,10 @@ def _ivf_by_lists(
     centroid_scores = np.ascontiguousarray(centroid_scores[:, :widest])
     scores = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
-    params = _reused_ivf_params(sel)
-    params.nprobe = widest
+    # one per call: the server searches from several threads, and nprobe is the stride of
+    # `assign` for this call alone
+    params = faiss.SearchParametersIVF(sel=sel, nprobe=widest)
+    params.sel_ref = sel
     # the C++ call: faiss' Python wrapper of search_preassigned refuses search parameters
     ivf.search_preassigned_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(assign),
                              faiss.swig_ptr(centroid_scores), faiss.swig_ptr(scores),
@@ -695,7 +697,15 @@ def filtered_search(
         raise ValueError(f"unknown route {route!r}: use one of {', '.join(ROUTES)}")
     queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
     allowed = _as_allowed(allowed)
-    layout = _layout(index)
+    try:
+        layout = _layout(index)
+    except ValueError:
+        if vectors_of is None:
+            raise
+        # an index this module can't steer (a GPU index, another faiss type): the rows
+        return (*_unsteerable(queries, k, allowed, vectors_of, index), FilterPlan(
+            "exact", allowed.count, allowed.count / max(int(index.ntotal), 1),
+            reason=f"{type(index).__name__} takes no selector here: the passing rows scored"))
     source = _exact_source(layout, vectors_of is not None)
     m = allowed.count
     k = min(int(k), m, int(index.ntotal))

@@ -320,3 +320,19 @@ def test_an_ivf_filter_passing_every_row_is_the_unfiltered_search(data, indexes)
     # one row short of all: the filtered search, which never returns that row
     _, found, plan = filtered_search.filtered_search(indexes["ivf"], queries, K, ids[1:])
     assert "unfiltered" not in plan.reason and not (found == ids[0]).any()
+
+
+def test_an_index_without_selectors_here_scores_the_passing_rows(data):
+    """A faiss type this module can't steer (here plain PQ; on a machine with one, a GPU
+    index): with vectors_of, the passing rows are scored exactly; without, a clear error."""
+    ids, vectors, queries = data
+    pq = faiss.IndexIDMap(faiss.IndexPQ(DIM, 8, 4, faiss.METRIC_INNER_PRODUCT))
+    pq.train(vectors)
+    pq.add_with_ids(vectors, ids)
+    passing = draw_passing(data, 0.1, seed=7)
+    scores, found, plan = filtered_search.filtered_search(pq, queries, K, passing,
+                                                          vectors_of=store_vectors(data))
+    np.testing.assert_array_equal(found, brute_force(data, passing)[1])
+    assert plan.route == "exact" and "IndexIDMap" in plan.reason
+    with pytest.raises(ValueError, match="can't handle"):
+        search_filtered(pq, queries, K, passing)
