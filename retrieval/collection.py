@@ -1,5 +1,10 @@
 """The Python API: a collection is a store plus the model it was made with.
 
+Why past 500 lines: it is the one object a user holds, so opening, indexing and the vector
+lookups the query engine asks of it (nearest, among a filter's rows, stored vectors) meet
+here; the parts with a job of their own live beside it (text_queries.py, store_facts.py,
+filters.py, filtered_search.py, engine.py).
+
     col = Collection.create("photos/")                 # or Collection.open() from inside it
     report = col.index()                                # incremental; report.to_dict()
     hits = col.search(text="a red car", k=5)           # or image="query.jpg" / embedding=vec

@@ -1,5 +1,9 @@
 """Filtered search: the top-k among the rows a filter passes, at any selectivity.
 
+Why one long file: the two routes, the planner that picks between them and the IVF-list
+bookkeeping read the same picture of the index (its layout, its lists, where a filter's rows
+sit) and share one cost model; about a sixth of it is the measurements that cost model rests on.
+
 Arrays in, arrays out: the caller turns a filter into the ids of the passing rows (DuckDB over
 the store's rows) and `search_filtered(index, queries, k, allowed)` returns their best k,
 scored as `search_index` scores. It never returns fewer than min(k, passing rows the index

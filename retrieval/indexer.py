@@ -1,5 +1,8 @@
 """Incremental indexing: bring a store's rows in line with a folder, touching only what changed.
 
+Why past 500 lines: one run's plan, embed and commit loop, and the old-store upgrade that must
+commit the same way; listing and hashing are their own modules (listing.py, hasher.py).
+
 Per file, cheapest test first (as rclip does, but with a whole-file hash):
 1. same path, same size and mtime            -> unchanged, nothing read
 2. same path, same content hash              -> unchanged (only size/mtime refreshed)

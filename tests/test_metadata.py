@@ -1,5 +1,7 @@
 """Metadata columns: EXIF and file facts read at index time, fallbacks, and old stores upgraded.
 
+Past 500 lines because EXIF has many ways to be wrong, and each gets its own case here.
+
 The photos are written here through Pillow (EXIF with and without an offset, cameras, GPS,
 orientation); the real ones in ../shared/data are read too when present (CI has them).
 """

@@ -1,5 +1,7 @@
 """The Ray engine against the local one, on a local Ray with 2 CPUs.
 
+One file past 500 lines: its tests share one local Ray per module, which takes seconds to start.
+
 Ray is an optional extra (`pip install 'vqret[ray]'`), hence the importorskip; the test extra
 installs it, so CI runs these. One Ray per module: starting it costs seconds.
 """
