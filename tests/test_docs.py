@@ -1,0 +1,147 @@
+"""The docs can't rot: their Python examples run, and no file names a path of one machine.
+
+1. The ```python blocks of docs/getting-started.md, docs/python-api.md and README.md run, each
+   page's blocks in order in one namespace (as a reader types them into one session), in a
+   temporary folder holding `photos/`: drawn shapes plus `photos/dog.jpg` (with a caption,
+   `photos/dog.txt`) and `photos/cat.jpg`.
+   The examples name the default model as a user would (ViT-B-32, laion2b_s34b_b79k), which
+   can't be downloaded here, so the test swaps in the fixture model in exactly two ways:
+   `vqret.retrieval.embedder.DEFAULT_MODEL`/`DEFAULT_PRETRAINED` point at the fixture's config
+   and weights (what `Collection.create("photos/")` uses), and the literal strings "ViT-B-32"
+   and "laion2b_s34b_b79k" in a block are replaced by those two paths. Nothing else in the
+   examples is changed. (The site itself is built with `mkdocs build --strict` by .ci/run.)
+2. No tracked text file holds an absolute path of a particular machine (see MACHINE_PATHS).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import TINY_CLIP_CONFIG, TINY_CLIP_WEIGHTS
+from fixtures.shapes import make_shape_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTED_PAGES = ["docs/getting-started.md", "docs/python-api.md", "README.md"]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def python_blocks(page: str) -> list[str]:
+    return BLOCK.findall((ROOT / page).read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def photos(tmp_path, monkeypatch):
+    """A user's working folder: photos/ of drawn shapes, dog.jpg and cat.jpg among them."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    drawn = make_shape_folder(folder, 24, seed=4321)
+    for name, (path, *_rest) in zip(("dog.jpg", "cat.jpg"), drawn[:2], strict=True):
+        Image.open(path).convert("RGB").save(folder / name, quality=95)
+    (folder / "dog.txt").write_text("a dog on the grass\n")  # a sidecar caption: a text row
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vqret.retrieval.embedder.DEFAULT_MODEL", str(TINY_CLIP_CONFIG))
+    monkeypatch.setattr("vqret.retrieval.embedder.DEFAULT_PRETRAINED", str(TINY_CLIP_WEIGHTS))
+    return folder
+
+
+def with_fixture_model(code: str) -> str:
+    return code.replace('"ViT-B-32"', repr(str(TINY_CLIP_CONFIG))).replace(
+        '"laion2b_s34b_b79k"', repr(str(TINY_CLIP_WEIGHTS))
+    )
+
+
+@pytest.mark.parametrize("page", TESTED_PAGES)
+def test_python_examples_run(page, photos, capsys):
+    blocks = python_blocks(page)
+    assert blocks, f"{page} has no ```python block to test"
+    namespace: dict = {"__name__": f"docs:{page}"}
+    for number, code in enumerate(blocks, 1):
+        try:
+            exec(compile(with_fixture_model(code), f"{page}, python block {number}", "exec"),
+                 namespace)
+        except Exception as e:  # name the block: a traceback into exec'd text is hard to read
+            raise AssertionError(f"{page}, python block {number} failed: {e!r}\n{code}") from e
+    # every page's tour makes a collection of photos/ and searches it
+    col = namespace["col"]
+    assert col.store.count() == 26
+    assert (photos / ".vqret" / "manifest.json").is_file()
+    assert "photos" in capsys.readouterr().out  # the printed hits name their files
+
+
+# ---- no path of one machine -------------------------------------------------------------
+# An absolute path that only exists on the machine that wrote it: a home folder
+# (/home/NAME/, /Users/NAME/, C:\Users\NAME\), root's home (/root/), or this project's build
+# workspace and scratch folders (/work/..., /tmp/ followed by a name: /tmp/pkg3, /tmp/x.json).
+# Left alone on purpose: paths a reader is meant to replace or that exist everywhere
+# (/data/photos, /mnt/shared, /models/..., /etc/passwd in the SQL-sandbox examples, ~/Pictures),
+# "/tmp" alone, and a path inside a URL (s3://bucket/work/...). A hit names the file and line.
+MACHINE_PATHS = re.compile(
+    r"""(?<![\w.~/:-])(?:
+        /work/[\w.-]+                 # the build machine's workspace
+      | /tmp/[\w.-]+                  # a file or folder in one machine's /tmp
+      | /root/[\w.-]+                 # root's home
+      | /home/[\w.-]+/                # a user's home
+      | /Users/[\w.-]+/               # a macOS home
+      | [A-Za-z]:\\Users\\[\w.-]+     # a Windows home
+    )""",
+    re.X,
+)
+# /tmp paths that are the same on every machine, each for a reason:
+SAME_EVERYWHERE = (
+    "/tmp/ray",  # Ray's own temp folder (session logs) on every node
+    "/tmp/vqret-leak",  # the SQL sandbox test checks that nothing was written there
+    "/tmp/a%20b.jpg",  # a file:// URL the query parser decodes (test_query.py)
+    "/tmp/a b.jpg",
+)
+
+
+def machine_paths(line: str) -> list[str]:
+    return [m.group(0) for m in MACHINE_PATHS.finditer(line)
+            if not line[m.start():].startswith(SAME_EVERYWHERE)]
+
+
+def tracked_text_files() -> list[Path]:
+    names = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    files = []
+    for name in filter(None, names):
+        path = ROOT / name
+        if not path.is_file():
+            continue  # deleted in the working tree, not yet committed
+        head = path.read_bytes()[:8192]
+        if b"\0" not in head:  # binary files (weights, PNGs) can't hold a readable path
+            files.append(path)
+    return files
+
+
+def test_machine_path_rule_is_precise():
+    flagged = ["/work/main/README.md", "see /tmp/pkg3/vqret", "/root/.cache/x",
+               "/home/alice/photos", r"C:\Users\bob\Pictures", "/Users/carol/Pictures/x.jpg"]
+    allowed = ["/data/photos/.vqret", "/mnt/shared/photos", "read_csv('/etc/passwd')",
+               "mktemp -d under /tmp", "~/Pictures/.vqret", "s3://bucket/work/photos",
+               "https://example.org/tmp/x.png", "/models/open_clip_model.safetensors"]
+    allowed += ["workers' logs: /tmp/ray/session_latest/logs", "file:///tmp/a%20b.jpg"]
+    for text in flagged:
+        assert machine_paths(text), text
+    for text in allowed:
+        assert not machine_paths(text), text
+
+
+def test_no_machine_paths_in_tracked_files():
+    this_file = Path(__file__).resolve()
+    hits = []
+    for path in tracked_text_files():
+        if path == this_file:
+            continue  # the rule's own examples
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            hits += [f"{path.relative_to(ROOT)}:{number}: {p}" for p in machine_paths(line)]
+    assert not hits, "paths of one machine in tracked files:\n" + "\n".join(hits)
