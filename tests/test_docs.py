@@ -145,3 +145,36 @@ def test_no_machine_paths_in_tracked_files():
         for number, line in enumerate(text.splitlines(), 1):
             hits += [f"{path.relative_to(ROOT)}:{number}: {p}" for p in machine_paths(line)]
     assert not hits, "paths of one machine in tracked files:\n" + "\n".join(hits)
+
+
+# ---- the generated CLI reference ---------------------------------------------------------
+
+
+def test_cli_reference_has_every_command_and_option():
+    """docs/cli.md is rendered from the typer app (cli/docs_hooks.py): every command, and every
+    option of each, must come out; a renderer that stops seeing them (as mkdocs-click does
+    with typer's vendored click) would otherwise still build a page."""
+    import typer
+    import typer._click as click
+    from vqret.cli import docs_hooks
+    from vqret.cli.main import app
+
+    page = docs_hooks.render_cli_reference()
+    assert docs_hooks.MARKER in (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+
+    def walk(command, ctx):
+        yield command, ctx
+        for name in getattr(command, "commands", {}) or {}:
+            sub = command.commands[name]
+            yield from walk(sub, click.Context(sub, info_name=name, parent=ctx))
+
+    root = typer.main.get_command(app)
+    seen = 0
+    for command, ctx in walk(root, click.Context(root, info_name="vqret")):
+        assert f"`{ctx.command_path}`" in page, ctx.command_path
+        for param in command.get_params(ctx):
+            if param.name != "help" and not getattr(param, "hidden", False):
+                name = param.get_help_record(ctx)[0]
+                assert f"| `{name}` |" in page, f"{ctx.command_path}: {name}"
+                seen += 1
+    assert "vqret search" in page and "--min-score" in page and seen > 100

@@ -1,21 +1,35 @@
-"""The CLI reference page, generated from the typer app: an MkDocs hook (mkdocs.yml `hooks:`).
+"""The docs build's MkDocs hooks (mkdocs.yml `hooks:`): the CLI reference and the package path.
 
-docs/cli.md holds a marker; at build time every command of `vqret` (groups included, in
-the order `vqret --help` lists them) replaces it with its help text, usage and a table of
-its arguments and options, read from the click command typer builds. So an option added
-in cli/ is documented the moment it exists, and nobody keeps a second copy by hand.
-(mkdocs-click does this for plain click apps; it doesn't recognise the click that typer
->= 0.2x vendors, so the page is rendered here.)
+1. The CLI reference page, generated from the typer app. docs/cli.md holds a marker; at build
+time every command of `vqret` (groups included, in the order `vqret --help` lists them)
+replaces it with its help text, usage and a table of its arguments and options, read from
+the click command typer builds. So an option added in cli/ is documented the moment it
+exists, and nobody keeps a second copy by hand. (mkdocs-click does this for plain click
+apps; it doesn't recognise the click that typer >= 0.2x vendors, so the page is rendered
+here. tests/test_docs.py checks that every command and option comes out.)
+
+2. mkdocstrings finds `vqret` in this checkout. The repository root is the package, so its
+folder is named after the checkout, not `vqret`; griffe (mkdocstrings' reader) looks for a
+folder named like the package, and an editable install's mapping (`vqret` -> the checkout)
+leads it to the checkout's parent. So the build puts a temporary folder holding a `vqret`
+link to this checkout first on sys.path: the API pages and the CLI reference document the
+tree being built, whatever else is installed.
 """
 
 from __future__ import annotations
 
+import atexit
 import html
+import os
 import re
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 MARKER = "<!-- cli-reference -->"
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package's root
 
 
 def _cell(text: str) -> str:
@@ -102,3 +116,22 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     if MARKER not in markdown:
         return markdown
     return markdown.replace(MARKER, render_cli_reference())
+
+
+try:  # before mkdocstrings' own on_config makes its handlers (they read sys.path then)
+    from mkdocs.plugins import event_priority
+except ImportError:  # mkdocs < 1.4: no priorities; nothing runs this module without mkdocs
+    def event_priority(priority: float):
+        return lambda f: f
+
+
+@event_priority(100)
+def on_config(config: Any, **_: Any) -> Any:
+    """MkDocs hook: `vqret` importable (and findable by griffe) as this checkout."""
+    folder = tempfile.mkdtemp(prefix="vqret-docs-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # removes the link, not its target
+    os.symlink(CHECKOUT, os.path.join(folder, "vqret"), target_is_directory=True)
+    sys.path.insert(0, folder)
+    for name in [m for m in sys.modules if m == "vqret" or m.startswith("vqret.")]:
+        del sys.modules[name]  # imported from elsewhere before the build started
+    return config
