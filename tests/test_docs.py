@@ -178,3 +178,12 @@ def test_cli_reference_has_every_command_and_option():
                 assert f"| `{name}` |" in page, f"{ctx.command_path}: {name}"
                 seen += 1
     assert "vqret search" in page and "--min-score" in page and seen > 100
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run calls the README's test command: the two must not drift apart."""
+    command = "pip install -e '.[test]' && python -m pytest -q"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"```bash\n{command}\n```" in readme
+    assert any(line.strip() == command for line in (ROOT / ".ci" / "run").read_text().splitlines())
+    assert len(readme.splitlines()) <= 200  # a README a new user reads to the end
