@@ -1,16 +1,22 @@
 """The docs can't rot: their Python examples run, and no file names a path of one machine.
 
-1. The ```python blocks of docs/getting-started.md, docs/python-api.md and README.md run, each
-   page's blocks in order in one namespace (as a reader types them into one session), in a
-   temporary folder holding `photos/`: drawn shapes plus `photos/dog.jpg` (with a caption,
-   `photos/dog.txt`) and `photos/cat.jpg`.
+1. The ```python blocks of docs/getting-started.md, docs/python-api.md, README.md,
+   docs/tokenizer.md and docs/diffusion.md run, each page's blocks in order in one namespace
+   (as a reader types them into one session), in a temporary folder holding `photos/`: drawn
+   shapes plus `photos/dog.jpg` (with a caption, `photos/dog.txt`) and `photos/cat.jpg`.
    The examples name the default model as a user would (ViT-B-32, laion2b_s34b_b79k), which
    can't be downloaded here, so the test swaps in the fixture model in exactly two ways:
    `vqret.retrieval.embedder.DEFAULT_MODEL`/`DEFAULT_PRETRAINED` point at the fixture's config
    and weights (what `Collection.create("photos/")` uses), and the literal strings "ViT-B-32"
    and "laion2b_s34b_b79k" in a block are replaced by those two paths. Nothing else in the
-   examples is changed. (The site itself is built with `mkdocs build --strict` by .ci/run.)
+   examples is changed. For the tokenizer and diffusion pages photos/ is indexed first and the
+   store holds the fixture tokenizer and DiT (tests/fixtures/tiny_dit), as after `vqret
+   tokenizer train` and `vqret diffusion train`. Blocks fenced ```py instead are shown, not
+   run: they train for minutes or need a cluster. (The site itself is built with
+   `mkdocs build --strict` by .ci/run.)
 2. No tracked text file holds an absolute path of a particular machine (see MACHINE_PATHS).
+3. The generated CLI reference has every command and option; .ci/run runs the README's test
+   command, and the README stays short.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTED_PAGES = ["docs/getting-started.md", "docs/python-api.md", "README.md"]
+PAGES_WITH_MODELS = ["docs/tokenizer.md", "docs/diffusion.md"]  # need a trained store
+TINY_DIT = Path(__file__).resolve().parent / "fixtures" / "tiny_dit"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
@@ -57,8 +65,7 @@ def with_fixture_model(code: str) -> str:
     )
 
 
-@pytest.mark.parametrize("page", TESTED_PAGES)
-def test_python_examples_run(page, photos, capsys):
+def run_page(page: str) -> dict:
     blocks = python_blocks(page)
     assert blocks, f"{page} has no ```python block to test"
     namespace: dict = {"__name__": f"docs:{page}"}
@@ -68,11 +75,38 @@ def test_python_examples_run(page, photos, capsys):
                  namespace)
         except Exception as e:  # name the block: a traceback into exec'd text is hard to read
             raise AssertionError(f"{page}, python block {number} failed: {e!r}\n{code}") from e
+    return namespace
+
+
+@pytest.mark.parametrize("page", TESTED_PAGES)
+def test_python_examples_run(page, photos, capsys):
+    namespace = run_page(page)
     # every page's tour makes a collection of photos/ and searches it
     col = namespace["col"]
     assert col.store.count() == 26
     assert (photos / ".vqret" / "manifest.json").is_file()
     assert "photos" in capsys.readouterr().out  # the printed hits name their files
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_MODELS)
+def test_model_examples_run(page, photos, capsys):
+    import shutil
+
+    import vqret
+
+    vqret.Collection.create("photos/").index()
+    for part in ("tokenizer", "diffusion"):
+        shutil.copytree(TINY_DIT / part, photos / ".vqret" / part)
+    namespace = run_page(page)
+    if page.endswith("tokenizer.md"):
+        assert namespace["pixels"].dtype.name == "uint8" and namespace["pixels"].ndim == 3
+        assert Path("dog-rebuilt.png").is_file()
+        assert vqret.Collection.open("photos/").info()["codes"]["encoded"] == 26  # every row
+    else:
+        assert namespace["hits"].generated is not None
+        assert [p.name for p in sorted(Path(".").glob("out*.png"))] == [
+            "out-1.png", "out-2.png", "out-3.png", "out.png"]
+    assert capsys.readouterr().out
 
 
 # ---- no path of one machine -------------------------------------------------------------
