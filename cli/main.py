@@ -397,6 +397,10 @@ from vqret.cli.bench_filter import register as _register_bench_filter  # noqa: E
 
 _register_bench_filter(bench_app)
 
+from vqret.cli.bench_parts import register as _register_bench_parts  # noqa: E402
+
+_register_bench_parts(bench_app)
+
 
 @bench_app.command("recall")
 def bench_recall(

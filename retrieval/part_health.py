@@ -8,15 +8,18 @@ not the store:
   `recovery/<table>/<part>`, its rows without their vectors (ids, paths, hashes, metadata;
   ~5% of the part at d = 512). The search index's `<table>.json` records the same size and
   checksum of `<table>.faiss`.
-- A reader checks every part's size (one stat each) whenever it reads the rows, and its
-  checksum (CRC-32, ~2 GB/s) once per process per file, cached by (path, size, mtime): a
-  server pays it once, a cold `vqret search` once per part it reads. A damaged part is
-  skipped: search answers from the healthy ones and says how many rows are missing.
+- A reader checks every part's size (one stat each) once per store generation, and its
+  checksum (CRC-32, ~2.7 GB/s on one core) once per process per file, cached by (path,
+  size, mtime): a server pays it once, a cold `vqret search` every time (+80 ms at 100k
+  rows of d = 512, benchmarks/README.md); VQRET_VERIFY=size leaves the checksums out. A
+  damaged part is skipped: search answers from the healthy ones and says how many rows
+  are missing.
 - `vqret index` re-embeds a damaged part's rows from their files (repair.py), under their
   old ids (from the recovery copy), and the damaged index is rebuilt.
 
 A store written before this (no checks in its manifest) opens as before: its parts are not
-checksummed, and a part that can't be read is reported the same way.
+checksummed, but one whose Parquet footer (or, when read, its rows) can't be read is reported
+and skipped the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ RECOVERY = "recovery"  # <store>/recovery/<table>/<part>: the part's rows withou
 # later command recomputes (codes: `vqret tokenizer encode`).
 NOT_RECOVERED = ("embedding", "codes", "codes_tokenizer")
 CRC_CHUNK = 1 << 22
+# "full" (default): sizes and checksums; "size": sizes only, for a process that must not read
+# every part's bytes once (a server over a store of hundreds of GB)
+VERIFY_ENV = "VQRET_VERIFY"
 
 # (path, size, mtime_ns) -> CRC-32 of the file's bytes: each file is read once per process
 _crcs: dict[tuple[str, int, int], int] = {}
@@ -88,12 +94,19 @@ def file_damage(path: Path, check: dict[str, Any] | None) -> str | None:
     if key in _unreadable:
         return _unreadable[key]
     if not check:
+        if path.suffix != ".parquet":
+            return None
+        # a part written before checks: its footer at least (a truncated file has none)
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as e:
+            return mark_unreadable(path, e)
         return None
     recorded = int(check["bytes"])
     if stat.st_size != recorded:
         what = "truncated" if stat.st_size < recorded else "grown"
         return f"{what} ({stat.st_size:,} of {recorded:,} bytes)"
-    if "crc32" not in check:
+    if "crc32" not in check or os.environ.get(VERIFY_ENV, "full").lower() == "size":
         return None
     crc = _crcs.get(key)
     if crc is None:
@@ -186,4 +199,5 @@ def kept_checks(old: dict[str, Any] | None, parts: list[str],
                 new: dict[str, dict]) -> dict[str, dict]:
     """The checks a manifest lists for `parts`: those just written, else those it had."""
     old = old or {}
-    return {p: new.get(p) or old[p] for p in parts if p in new or p in old}
+    checks = {p: new[p] if p in new else old.get(p) for p in parts}
+    return {p: check for p, check in checks.items() if check}

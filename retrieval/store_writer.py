@@ -29,6 +29,7 @@ from .store_layout import (
     ROW_GROUP_ROWS,
     TABLES,
     Failure,
+    StoreError,
     StoreLockedError,
     conform,
     now_utc,
@@ -125,6 +126,9 @@ class StoreWriter:
     def _ids_of(self, table: str, part: str) -> np.ndarray:
         key = (table, part)
         if key not in self._part_ids:
+            if any(d.part == part for d in self.store.damaged_parts(table)):
+                raise StoreError(f"{self.store.path / table / part} is damaged: run `vqret "
+                                 "index` to repair it first")
             rows = pq.read_table(self.store.path / table / part, columns=["id"])
             self._part_ids[key] = rows.column("id").to_numpy()
         return self._part_ids[key]

@@ -16,7 +16,7 @@ from test_store import make_rows
 from vqret.retrieval.collection import Collection
 from vqret.retrieval.index import index_files
 from vqret.retrieval.part_health import RECOVERY
-from vqret.retrieval.store import IMAGES, Store
+from vqret.retrieval.store import IMAGES, Store, StoreError
 from vqret.retrieval.store_writer import StoreWriter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,3 +203,18 @@ def test_a_store_without_checks_opens_and_still_skips_an_unreadable_part(store):
     [damaged] = old.damaged_parts()
     assert damaged.part == first and damaged.rows is None
     assert damaged.cause.startswith("unreadable Parquet")
+
+
+def test_size_only_verification_and_writers_refusing_a_damaged_part(store, monkeypatch):
+    with store.writer() as w:
+        w.commit(make_rows([0, 1]))
+        w.commit(make_rows([2, 3]))
+    first = store.parts()[0]
+    flip_byte(store.path / IMAGES / first, 40)
+    monkeypatch.setenv("VQRET_VERIFY", "size")  # sizes only: a flipped byte goes unseen
+    assert Store(store.path).damaged_parts() == []
+    monkeypatch.setenv("VQRET_VERIFY", "full")
+    [damaged] = Store(store.path).damaged_parts()
+    assert damaged.part == first and damaged.rows == 2
+    with Store(store.path).writer() as w, pytest.raises(StoreError, match="is damaged: run"):
+        w.commit(remove_ids=[3])  # a writer must not copy a damaged part's rows onward
