@@ -7,6 +7,8 @@ Layout of a store folder (default `<folder>/.vqret/`):
     texts/*.parquet     the text table: captions (sidecar files, `vqret index-texts`)
     images.faiss        the search index of each table, tagged in images.json / texts.json
     texts.faiss           with the store generation it covers
+    recovery/<table>/   each part's rows without their vectors: a damaged part (told by the
+                          size and checksum the manifest records) is re-embedded from them
     lock                held by the one writer
 
 A commit writes new part files, then atomically replaces manifest.json (write + rename), then
