@@ -342,9 +342,9 @@ class Collection:
                 allowed = self._healthy_ids()
             else:
                 k += sum(d.rows or 0 for d in damaged)  # few texts: look further instead
-        if index.ntotal == 0 or (allowed is not None and damaged and len(allowed) == 0):
-            if damaged:
-                raise StoreError(self.damage_note(table))
+        if damaged and (index.ntotal == 0 or (allowed is not None and len(allowed) == 0)):
+            return []  # every row is in a damaged part: the note says so (engine.py)
+        if index.ntotal == 0:
             what = "texts (add captions with `vqret index-texts`)" if table == TEXTS else "images"
             raise StoreError(f"{self.store.path} has no {what}: index some first")
         query = np.asarray(vector, np.float32).reshape(1, -1)

@@ -156,6 +156,30 @@ def test_damaged_index_file_is_searched_from_the_rows_and_rebuilt(folder, embedd
     assert faiss_file.stat().st_size > 100
 
 
+def test_damaged_text_part_is_skipped_then_repaired_under_its_ids(folder, embedder, tmp_path):
+    captions = tmp_path / "captions.csv"
+    captions.write_text("text\na red circle\na blue square\na green star\n")
+    store_path = folder / ".vqret"
+    col = Collection.open(store_path, embedder)
+    col.index_texts(captions)
+    col.index_texts(tmp_path / "captions.csv")  # unchanged: no second part
+    texts = col.store.read_table(["id", "text"], "texts").to_pylist()
+    [part] = col.store.parts("texts")
+    flip_byte(store_path / "texts" / part, 50)
+
+    col = Collection.open(store_path, embedder)
+    assert [d["part"] for d in col.info()["damaged"]] == [part]
+    nothing = col.search(text="a red circle", texts=True)  # every text is in that part
+    assert len(nothing) == 0 and nothing.note.startswith("3 rows unavailable: part texts/")
+    hits = col.search(text="a red circle", k=3)  # the images are all there
+    assert len(hits) == 3 and hits.note is None
+
+    assert col.index().repaired == 3
+    col = Collection.open(store_path, embedder)
+    assert col.store.read_table(["id", "text"], "texts").to_pylist() == texts
+    assert col.search(text="a red circle", texts=True, k=1)[0].text == "a red circle"
+
+
 # ---- the layout, without a model ------------------------------------------------------------
 @pytest.fixture
 def store(tmp_path) -> Store:
