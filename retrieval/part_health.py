@@ -169,13 +169,20 @@ def write_part_extras(store_path: Path, table: str, part: str, rows: pa.Table) -
     target = recovery_path(store_path, table, part)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, lambda tmp: pq.write_table(rows.select(keep), tmp, compression="zstd"))
-    return file_check(store_path / table / part, rows.num_rows)
+    check = file_check(store_path / table / part, rows.num_rows)
+    check["recovery"] = file_check(target)
+    return check
 
 
-def read_recovery(store_path: Path, table: str, part: str) -> pa.Table | None:
-    """A damaged part's rows without vectors, or None when there is no readable copy."""
+def read_recovery(store_path: Path, table: str, part: str,
+                  check: dict[str, Any] | None = None) -> pa.Table | None:
+    """A damaged part's rows without vectors, or None when there is no sound copy (missing,
+    unreadable, or not as the part's `check` recorded it)."""
+    path = recovery_path(store_path, table, part)
+    if file_damage(path, (check or {}).get("recovery")) is not None:
+        return None
     try:
-        return pq.ParquetFile(recovery_path(store_path, table, part)).read()
+        return pq.ParquetFile(path).read()
     except (OSError, pa.ArrowException):
         return None
 

@@ -42,7 +42,8 @@ def repair_damaged(writer: StoreWriter, embedder: Any, name: Callable[[str], str
     report = RepairReport()
     for table in TABLES:
         for damaged in list(store.damaged_parts(table)):
-            recovered = read_recovery(store.path, table, damaged.part)
+            check = store.manifest["tables"][table].get("checks", {}).get(damaged.part)
+            recovered = read_recovery(store.path, table, damaged.part, check)
             lost = _rows_of(writer, damaged, recovered)
             if recovered is None:
                 writer.replace_part(damaged.part, None, lost, np.zeros(0, np.int64), table)

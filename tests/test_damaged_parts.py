@@ -156,6 +156,22 @@ def test_damaged_index_file_is_searched_from_the_rows_and_rebuilt(folder, embedd
     assert faiss_file.stat().st_size > 100
 
 
+def test_without_a_sound_recovery_copy_the_files_come_back_as_new_rows(folder, embedder):
+    store_path = folder / ".vqret"
+    store = Store(store_path)
+    damaged, healthy = store.parts()
+    lost, kept = part_ids(store, damaged), part_ids(store, healthy)
+    (store_path / IMAGES / damaged).write_bytes(b"")
+    flip_byte(store_path / RECOVERY / IMAGES / damaged, 20)  # its copy is damaged too
+
+    report = Collection.open(store_path, embedder).index()
+    assert report.repaired == 0 and report.added == 8 and report.embedded == 8
+    after = Store(store_path)
+    assert len(after) == N and after.damaged_parts() == []
+    ids = set(after.read_table(["id"]).column("id").to_pylist())
+    assert kept <= ids and not ids & lost  # new ids: the old ones were nowhere to be read
+
+
 def test_damaged_text_part_is_skipped_then_repaired_under_its_ids(folder, embedder, tmp_path):
     captions = tmp_path / "captions.csv"
     captions.write_text("text\na red circle\na blue square\na green star\n")
