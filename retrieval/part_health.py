@@ -9,8 +9,8 @@ not the store:
   ~5% of the part at d = 512). The search index's `<table>.json` records the same size and
   checksum of `<table>.faiss`.
 - A reader checks every part's size (one stat each) once per store generation, and its
-  checksum (CRC-32, ~2.7 GB/s on one core) once per process per file, cached by (path,
-  size, mtime): a server pays it once, a cold `vqret search` every time (+80 ms at 100k
+  checksum (CRC-32, 2-3 GB/s on one core) once per process per file, cached by (path,
+  size, mtime): a server pays it once, a cold `vqret search` every time (+80-140 ms at 100k
   rows of d = 512, benchmarks/README.md); VQRET_VERIFY=size leaves the checksums out. A
   damaged part is skipped: search answers from the healthy ones and says how many rows
   are missing.
