@@ -120,12 +120,12 @@ def run(n: int = 100_000, dim: int = 512, part_rows: int = 25_000, repeats: int 
                 for mode in times:
                     times[mode].append(_median(make(mode), 1))
             base = statistics.median(times["unchecked"])
-            out[name] = {m: round(statistics.median(t), 4) for m, t in times.items()}
+            out[name] = {m: round(statistics.median(t), 6) for m, t in times.items()}
             out[name]["verified_ratio"] = round(statistics.median(times["verified"]) / base, 2)
             out[name]["cached_ratio"] = round(statistics.median(times["cached"]) / base, 2)
         out["write"] = {
-            "checked": round(statistics.median(write_checked), 4),
-            "plain": round(statistics.median(write_plain), 4) if write_plain else None,
+            "checked": round(statistics.median(write_checked), 6),
+            "plain": round(statistics.median(write_plain), 6) if write_plain else None,
         }
         if write_plain:
             out["write"]["ratio"] = round(out["write"]["checked"] / out["write"]["plain"], 2)
