@@ -132,6 +132,25 @@ def test_flipped_byte_is_caught_by_the_checksum_and_repaired(folder, embedder):
     assert len(hits) == N and hits.note is None
 
 
+def test_the_server_answers_from_the_healthy_parts_with_the_note(folder, embedder):
+    from starlette.testclient import TestClient
+    from vqret.server.app import create_app
+
+    store_path = folder / ".vqret"
+    damaged = Store(store_path).parts()[0]
+    flip_byte(store_path / IMAGES / damaged, 100)
+    app = create_app([Collection.open(store_path, embedder)], warm=False)
+    try:
+        with TestClient(app) as client:
+            r = client.post("/api/search", json={"text": "a red circle", "k": N})
+    finally:
+        app.state.service.close()
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["results"]) == N - 8
+    assert body["note"].startswith(f"8 rows unavailable: part images/{damaged} checksum")
+
+
 def test_damaged_index_file_is_searched_from_the_rows_and_rebuilt(folder, embedder):
     store_path = folder / ".vqret"
     col = Collection.open(store_path, embedder)
