@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .store import Store
+from .store import TABLES, Store
 
 
 def store_facts(store: Store) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def store_facts(store: Store) -> dict[str, Any]:
         "failures": m.get("failures", []),
         # parts missing, truncated or changed on disk: their rows are not searched until
         # `vqret index` re-embeds them (part_health.py)
-        "damaged": [d.to_dict() for t in ("images", "texts") for d in store.damaged_parts(t)],
+        "damaged": [d.to_dict() for t in TABLES for d in store.damaged_parts(t)],
     }
 
 def metadata_coverage(store: Store) -> dict[str, Any]:
