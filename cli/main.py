@@ -235,6 +235,8 @@ def _run_index(collection, folder: str, options: dict, show_progress: bool, quie
 def _print_summary(report, collection) -> None:
     d = report.to_dict()
     parts = [f"{d[k]} {k}" for k in ("added", "updated", "renamed", "removed", "unchanged")]
+    if report.repaired:  # rows of damaged parts, re-embedded under their ids
+        parts.insert(0, f"{report.repaired} repaired")
     rate = f", {report.embedded / report.seconds:.1f} images/s" if report.embedded else ""
     out.print(
         f"{', '.join(parts)}; {report.embedded} embedded{rate}; {len(report.failed)} failed "
@@ -293,8 +295,13 @@ def info(
             out.print(f"[bold]{key:>15}[/]")
             for name, fact in value.items():
                 out.print(f"{name:>19}  {fact}", highlight=False, markup=False)
-        elif key != "failures":
+        elif key not in ("failures", "damaged"):
             out.print(f"[bold]{key:>15}[/]  {value}", highlight=False)
+    for d in facts["damaged"]:  # one line a part: what is wrong, what it costs, the fix
+        rows = f"{d['rows']} rows" if d["rows"] is not None else "its rows"
+        out.print(f"{'damaged':>15}  {d['table']}/{d['part']}: {d['cause']}; {rows} "
+                  "unavailable until `vqret index` repairs it", highlight=False, markup=False,
+                  soft_wrap=True)
     failures = facts["failures"]
     out.print(f"[bold]{'failures':>15}[/]  {len(failures)}")
     for f in failures:
@@ -389,6 +396,10 @@ _register_bench_ray(bench_app)
 from vqret.cli.bench_filter import register as _register_bench_filter  # noqa: E402
 
 _register_bench_filter(bench_app)
+
+from vqret.cli.bench_parts import register as _register_bench_parts  # noqa: E402
+
+_register_bench_parts(bench_app)
 
 
 @bench_app.command("recall")

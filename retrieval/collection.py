@@ -335,6 +335,15 @@ class Collection:
         if k < 1:
             raise QueryError(f"k must be an integer, 1 or more, not {k}")
         index = self._search_index(table)
+        damaged = self.store.damaged_parts(table)
+        if damaged and allowed is None:
+            # the saved index still holds a damaged part's vectors: rank only the rows there
+            if table == IMAGES:
+                allowed = self._healthy_ids()
+            else:
+                k += sum(d.rows or 0 for d in damaged)  # few texts: look further instead
+        if damaged and (index.ntotal == 0 or (allowed is not None and len(allowed) == 0)):
+            return []  # every row is in a damaged part: the note says so (engine.py)
         if index.ntotal == 0:
             what = "texts (add captions with `vqret index-texts`)" if table == TEXTS else "images"
             raise StoreError(f"{self.store.path} has no {what}: index some first")
@@ -361,6 +370,22 @@ class Collection:
             path = paths[image_id]["path"] if image_id in paths else None
             results.append(SearchResult(rank, i, path, score, rows[i]["text"], image_id))
         return results
+
+    def damage_note(self, table: str = IMAGES) -> str | None:
+        """One line when some rows of `table` are unavailable (damaged parts), else None."""
+        from .part_health import unavailable_note
+
+        return unavailable_note(self.store.damaged_parts(table))
+
+    def _healthy_ids(self) -> Any:
+        """The images whose part is readable, as a filtered_search.Allowed, per generation."""
+        from .filtered_search import Allowed
+
+        key = (self.store.generation, "healthy")
+        if key not in self._allowed:
+            ids = np.fromiter(self._lookup(IMAGES).keys(), np.int64)
+            self._allowed[key] = Allowed.from_ids(ids)
+        return self._allowed[key]
 
     def _search_among(self, index: Any, query: np.ndarray, k: int,
                       allowed: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -101,6 +101,11 @@ def run_query(
     outcome = FallbackOutcome(None, note) if note else None
     if query.generate != "never" and query.table == IMAGES and fallback is not None and not note:
         outcome = fallback(collection, query, vector, hits)
+    damage = collection.damage_note(query.table)  # rows of a damaged part: not searched
+    if damage:
+        said = outcome.note if outcome else None
+        outcome = FallbackOutcome(outcome.generated if outcome else None,
+                                  f"{said}; {damage}" if said else damage)
     return SearchResults(hits, query, vector, outcome)
 
 

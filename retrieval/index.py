@@ -22,6 +22,7 @@ import numpy as np
 
 from . import ann
 from .device import cuda_number
+from .part_health import file_check, file_damage
 from .store import IMAGES, Store, write_atomic
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def save_index(
         "generation": store.table_generation(table),
         "ntotal": int(index.ntotal),
         "plan": plan.to_dict(),
+        "file": file_check(final),  # size + CRC-32: a damaged index is told on load
     }
     write_atomic(meta_path, json.dumps(meta, indent=2).encode())
 
@@ -119,6 +121,10 @@ def load_saved(
     if not any_generation and meta.get("generation") != store.table_generation(table):
         return None
     mmap_refine = not writable and meta.get("plan", {}).get("refine") == "mmap"
+    damage = index_damage(store, table, meta)
+    if damage is not None:
+        log.warning("%s is damaged (%s); rebuilding it from the rows", path, damage)
+        return None
     try:
         index = _read_faiss(path, mmap_refine)
     except RuntimeError as e:
@@ -127,6 +133,16 @@ def load_saved(
     if index.d != store.dim or index.ntotal != meta.get("ntotal"):
         return None
     return index, meta
+
+
+def index_damage(store: Store, table: str = IMAGES, meta: dict | None = None) -> str | None:
+    """Why the saved index file is not the one its metadata recorded (truncated, checksum
+    mismatch), or None: fine, absent, or saved before the metadata recorded it."""
+    meta = meta if meta is not None else read_meta(store, table)
+    path = index_files(store, table)[0]
+    if not meta or not path.is_file():
+        return None
+    return file_damage(path, meta.get("file"))
 
 
 def load_index(store: Store, table: str = IMAGES) -> faiss.Index:

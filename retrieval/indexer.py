@@ -77,6 +77,7 @@ class IndexReport:
     unchanged: int = 0
     embedded: int = 0  # images that went through the model
     upgraded: int = 0  # old rows given their metadata columns (a schema 1 store's upgrade)
+    repaired: int = 0  # rows of damaged parts re-embedded under their ids (repair.py)
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     index: dict[str, Any] = field(default_factory=dict)  # the search index's plan
@@ -91,6 +92,7 @@ class IndexReport:
             "unchanged": self.unchanged,
             "embedded": self.embedded,
             "upgraded": self.upgraded,
+            "repaired": self.repaired,
             "failed": [f.to_dict() for f in self.failed],
             "texts": {k: v for k, v in self.texts.items() if k != "failed"},
             "seconds": round(self.seconds, 3),
@@ -149,6 +151,7 @@ class Indexer:
     def run(self, writer: StoreWriter) -> IndexReport:
         """Bring the rows in line with the folder, then the search index with the rows."""
         start = time.perf_counter()
+        self._repair(writer)
         self._upgrade(writer)
         # The plan's columns live in _sync_rows' frame: let go before the index is built,
         # which at 100M rows needs the memory as much as the plan did.
@@ -164,6 +167,14 @@ class Indexer:
             update_after_write(writer, TEXTS)
         self.report.seconds = time.perf_counter() - start
         return self.report
+
+    def _repair(self, writer: StoreWriter) -> None:
+        """Damaged parts first (repair.py): every later step reads the parts."""
+        from .repair import repair_damaged
+
+        repair = repair_damaged(writer, self.embedder, self._namer())
+        self.report.repaired += repair.repaired
+        self.report.removed += repair.dropped
 
     def _upgrade(self, writer: StoreWriter) -> None:
         """Schema 1 -> 2: the metadata columns written into the rows without them, a part per
@@ -290,7 +301,7 @@ class Indexer:
         self.report.added += int((~reuse).sum())
         released[own[reuse]] = False
         removed = released & ~taken
-        self.report.removed = int(removed.sum())
+        self.report.removed += int(removed.sum())
 
         # Content of a live row is copied (the last such row, as a dict keyed by hash
         # would); the same new content twice in one run is embedded once and copied.

@@ -7,6 +7,8 @@ Layout of a store folder (default `<folder>/.vqret/`):
     texts/*.parquet     the text table: captions (sidecar files, `vqret index-texts`)
     images.faiss        the search index of each table, tagged in images.json / texts.json
     texts.faiss           with the store generation it covers
+    recovery/<table>/   each part's rows without their vectors: a damaged part (told by the
+                          size and checksum the manifest records) is re-embedded from them
     lock                held by the one writer
 
 A commit writes new part files, then atomically replaces manifest.json (write + rename), then
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_write
 from .lazy_import import lazy_import
 from .model_spec import ModelSpec
+from .part_health import DamagedPart, damaged_parts, mark_unreadable
 from .store_layout import (
     COMPACT_ROWS,
     IMAGES,
@@ -122,6 +125,7 @@ class Store:
                 f"no vqret store at {self.path}: make one with `vqret index FOLDER`"
             )
         self.manifest = self._read_manifest()
+        self._damage: dict[str, tuple[int, list[DamagedPart]]] = {}  # table -> (generation, parts)
 
     # ---- opening and creation -------------------------------------------------------------
     @classmethod
@@ -244,9 +248,12 @@ class Store:
         if columns:
             schema = pa.schema([schema.field(c) for c in columns])
         for attempt in range(5):
-            parts = [self.path / table / name for name in self.parts(table)]
+            # damaged parts are skipped: their rows are missing until `vqret index` repairs
+            bad = {d.part for d in self.damaged_parts(table)}
+            parts = [self.path / table / name for name in self.parts(table) if name not in bad]
             try:
-                tables = [_read_part(p, schema) for p in parts]
+                tables = [t for t in (self._read_healthy(p, schema, table) for p in parts)
+                          if t is not None]
                 break
             except FileNotFoundError:
                 # A writer committed and removed a part between our manifest read and now.
@@ -257,6 +264,35 @@ class Store:
         if not tables:
             return schema.empty_table()
         return pa.concat_tables(tables)
+
+    def damaged_parts(self, table: str = IMAGES) -> list[DamagedPart]:
+        """The parts of `table` whose file is missing, truncated or changed since it was
+        written (part_health.py), checked once per store generation; every read skips them."""
+        cached = self._damage.get(table)
+        if cached is not None and cached[0] == self.generation:
+            return cached[1]
+        damaged = damaged_parts(self.path, self.manifest, table)
+        if any(d.missing for d in damaged):
+            generation = self.generation
+            self.refresh()  # a writer may have replaced it since our manifest read
+            if self.generation != generation:
+                return self.damaged_parts(table)
+        self._damage[table] = (self.generation, damaged)
+        return damaged
+
+    def _read_healthy(self, path: Path, schema: pa.Schema, table: str) -> pa.Table | None:
+        """A part's rows, or None for one pyarrow can't read (then named as damaged)."""
+        try:
+            return _read_part(path, schema)
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as e:
+            cause = mark_unreadable(path, e)
+            check = self.manifest["tables"][table].get("checks", {}).get(path.name) or {}
+            self._damage[table] = (self.generation, [
+                *self.damaged_parts(table), DamagedPart(table, path.name, cause, check.get("rows"))
+            ])
+            return None
 
     def read_part(
         self, part: str, columns: list[str] | None = None, table: str = IMAGES

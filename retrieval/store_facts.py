@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .store import Store
+from .store import TABLES, Store
 
 
 def store_facts(store: Store) -> dict[str, Any]:
@@ -33,6 +33,9 @@ def store_facts(store: Store) -> dict[str, Any]:
         "codes": _codes_facts(store),
         "metadata": metadata_coverage(store),
         "failures": m.get("failures", []),
+        # parts missing, truncated or changed on disk: their rows are not searched until
+        # `vqret index` re-embeds them (part_health.py)
+        "damaged": [d.to_dict() for t in TABLES for d in store.damaged_parts(t)],
     }
 
 def metadata_coverage(store: Store) -> dict[str, Any]:
@@ -91,7 +94,7 @@ def _codes_facts(store: Store) -> dict[str, Any]:
     }
 
 def _index_facts(store: Store) -> dict[str, Any]:
-    from .index import read_meta
+    from .index import index_damage, read_meta
 
     meta = read_meta(store)
     if meta is None:
@@ -102,4 +105,7 @@ def _index_facts(store: Store) -> dict[str, Any]:
         "reason", "rebuild_rule", "refine",
     )}
     facts["up_to_date"] = meta.get("generation") == store.table_generation()
+    damage = index_damage(store, meta=meta)
+    if damage is not None:  # searches rebuild it from the rows meanwhile
+        facts["damaged"] = f"{damage}; `vqret index` rebuilds it"
     return facts

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_write
 from .lazy_import import lazy_import
+from .part_health import forget_parts, kept_checks, remove_stray_recovery, write_part_extras
 from .store_layout import (
     COMPACT_ROWS,
     IMAGES,
@@ -28,6 +29,7 @@ from .store_layout import (
     ROW_GROUP_ROWS,
     TABLES,
     Failure,
+    StoreError,
     StoreLockedError,
     conform,
     now_utc,
@@ -85,6 +87,7 @@ class StoreWriter:
         store.refresh()
         self._remove_leftovers()
         self._part_ids: dict[tuple[str, str], np.ndarray] = {}
+        self._checks: dict[str, dict[str, dict]] = {t: {} for t in TABLES}  # parts written
         # What this writer changed, so the search index can be updated instead of rebuilt.
         self.start_generation = {t: store.table_generation(t) for t in TABLES}
         self.added: dict[str, IdLog] = {t: IdLog() for t in TABLES}
@@ -116,12 +119,16 @@ class StoreWriter:
             for f in folder.iterdir():
                 if f.name not in live:
                     f.unlink(missing_ok=True)
+            remove_stray_recovery(self.store.path, table, live)
         for f in self.store.path.glob(".tmp-*"):
             f.unlink(missing_ok=True)
 
     def _ids_of(self, table: str, part: str) -> np.ndarray:
         key = (table, part)
         if key not in self._part_ids:
+            if any(d.part == part for d in self.store.damaged_parts(table)):
+                raise StoreError(f"{self.store.path / table / part} is damaged: run `vqret "
+                                 "index` to repair it first")
             rows = pq.read_table(self.store.path / table / part, columns=["id"])
             self._part_ids[key] = rows.column("id").to_numpy()
         return self._part_ids[key]
@@ -147,6 +154,8 @@ class StoreWriter:
             ),
         )
         self._part_ids[(table, name)] = rows.column("id").to_numpy()
+        # size + checksum for the manifest, and the rows without vectors (part_health.py)
+        self._checks[table][name] = write_part_extras(self.store.path, table, name, rows)
         return name
 
     def commit(
@@ -259,6 +268,23 @@ class StoreWriter:
         self._publish(table, parts, [part], self.store.count(table), None, manifest_updates,
                       vectors_changed=False)
 
+    def replace_part(self, part: str, rows: pa.Table | None, lost_rows: int,
+                     removed_ids: np.ndarray, table: str = IMAGES) -> None:
+        """Put `rows` (or nothing) in place of a damaged part, in one commit, without reading
+        it: `lost_rows` is how many rows it held, `removed_ids` their ids when known (the
+        search index drops them). repair.py re-embeds a damaged part through here."""
+        parts = self.store.parts(table)
+        if rows is not None and rows.num_rows:
+            schema = table_schema(table, self.store.dim)
+            new = self._write_part(table, conform(rows, schema))
+            parts = [new if p == part else p for p in parts]
+            self.added[table].add(rows.column("id").to_numpy())
+        else:
+            parts = [p for p in parts if p != part]
+        self.removed[table].add(removed_ids)
+        count = self.store.count(table) - lost_rows + (rows.num_rows if rows is not None else 0)
+        self._publish(table, parts, [part], count, None, {})
+
     def compact(self, table: str = IMAGES, max_rows: int = COMPACT_ROWS) -> None:
         """Merge small parts (fewer than max_rows rows together) into one."""
         parts = self.store.parts(table)
@@ -291,6 +317,7 @@ class StoreWriter:
             # stays valid until then (update_columns leaves both alone)
             entry["changed_at"] = manifest["generation"]
         entry.update(parts=parts, rows=rows)
+        entry["checks"] = kept_checks(entry.get("checks"), parts, self._checks[table])
         manifest["updated_at"] = now_utc().isoformat()
         if failures is not None:
             manifest["failures"] = [f.to_dict() for f in failures]
@@ -299,6 +326,7 @@ class StoreWriter:
         for part in superseded:
             (self.store.path / table / part).unlink(missing_ok=True)
             self._part_ids.pop((table, part), None)
+        forget_parts(self.store.path, table, superseded)
 
 
 def _this_command() -> str:

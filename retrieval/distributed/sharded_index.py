@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 
 from .. import ann
-from ..index import index_files, load_saved, read_meta, save_index, update_after_write, update_index
+from ..index import (
+    index_damage,
+    index_files,
+    load_saved,
+    read_meta,
+    save_index,
+    update_after_write,
+    update_index,
+)
 from ..store import IMAGES, Store, StoreWriter, embeddings_from_arrow, write_atomic
 from .cluster import connect, require_ray
 
@@ -340,7 +348,8 @@ def ray_update_index(
             changed_ids=changed_ids,
             removed=removed,
         )
-    if meta is not None and meta.get("generation") == store.table_generation(table):
+    if (meta is not None and meta.get("generation") == store.table_generation(table)
+            and index_damage(store, table, meta) is None):
         return ann.IndexPlan.from_dict(meta["plan"])  # nothing changed since it was saved
     return build_sharded_index(
         store, asked, memory, rows_per_shard=rows_per_shard, reuse_trained=True, table=table

@@ -88,7 +88,9 @@ async function search(kind, value, label) {
   render(data.results, data.generated);
   const n = data.results.length;
   const within = data.query && data.query.filters ? ' · filtered' : '';
-  const note = !n && data.note ? ` · ${data.note}` : '';
+  // a note beside results only when rows are missing (damaged parts): the rest explain an
+  // empty answer
+  const note = data.note && (!n || data.note.includes('unavailable')) ? ` · ${data.note}` : '';
   setStatus(`${n} result${n === 1 ? '' : 's'} for ${label} in ${Math.round(data.took_ms)} ms`
     + readAs(data.query) + within + note
     + (data.generated ? ' · nothing matched well, so one was drawn' : ''), false, preview);
