@@ -43,10 +43,15 @@ class Faults:
 
     def __init__(self, fail_at: int | None = None, error: int = errno_module.ENOSPC,
                  kinds: tuple[str, ...] = KINDS,
-                 after_rename: Callable[[str], None] | None = None):
+                 after_rename: Callable[[str], None] | None = None,
+                 only: Callable[[str], bool] | None = None, repeat: bool = False):
         """`after_rename(target)` is called after each rename that succeeded (its own calls
-        are not counted): a test snapshots what a reader sees at every commit with it."""
+        are not counted): a test snapshots what a reader sees at every commit with it.
+        `only(path)` limits the calls counted (and failed) to some paths (one writer's).
+        `repeat`: every call from the `fail_at`-th on fails (a disk that stays full)."""
+        self.repeat = repeat
         self.fail_at = fail_at
+        self.only = only
         self.after_rename = after_rename
         self._paused = False
         self.errno = error
@@ -61,9 +66,18 @@ class Faults:
         """Count one call; the error to raise when it is the one to fail."""
         if kind not in self.kinds or self._paused:
             return None
+        if isinstance(path, int):  # an fsync's descriptor: the file it belongs to
+            try:
+                path = os.readlink(f"/proc/self/fd/{path}")
+            except OSError:
+                pass
+        if self.only is not None and not self.only(str(path)):
+            return None
         self.calls += 1
         self.log.append((kind, str(path)))
-        if self.fail_at is not None and self.calls == self.fail_at:
+        if self.fail_at is not None and (
+            self.calls == self.fail_at or (self.repeat and self.calls > self.fail_at)
+        ):
             self.raised = True
             return OSError(self.errno, os.strerror(self.errno), str(path))
         return None

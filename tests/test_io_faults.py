@@ -25,9 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from conftest import TESTS, run_cli
+from conftest import run_cli
 from faults import Faults, temp_files
 from fixtures.shapes import make_shape_folder
 from typer.testing import CliRunner
@@ -87,6 +86,7 @@ def fault_loop(
     state: Callable[[Path], Any],
     tmp_path: Path,
     error: int = errno.ENOSPC,
+    only: Callable[[str], bool] | None = None,
 ) -> int:
     """Run `command` (on a copy of `template`) failing at each of its counted calls in turn;
     returns how many calls there were."""
@@ -100,7 +100,9 @@ def fault_loop(
         if Path(target).name == "manifest.json":
             committed.append(state(counted))
 
-    with Faults(after_rename=snapshot) as counting:
+    if only is None:  # the command's own files, not a library's first-use temp files
+        only = lambda path: str(tmp_path) in path  # noqa: E731
+    with Faults(after_rename=snapshot, only=only) as counting:
         result = invoke(*command(counted))
     assert result.exit_code == 0, result.output
     after = state(counted)
@@ -110,7 +112,7 @@ def fault_loop(
     for n in range(1, counting.calls + 1):
         work = tmp_path / f"fault-{n}"
         shutil.copytree(template, work)
-        with Faults(fail_at=n, error=error) as faults:
+        with Faults(fail_at=n, error=error, only=only) as faults:
             result = invoke(*command(work))
         kind, path = counting.log[n - 1]
         where = f"fault {n}/{counting.calls} ({kind} {path})"
@@ -209,3 +211,236 @@ def test_index_texts_every_fault(indexed, tmp_path):
     fault_loop(indexed, lambda work: ["index-texts", captions, "--store", work / ".vqret",
                                       "--device", "cpu"],
                lambda work: store_state(work / ".vqret"), tmp_path)
+
+
+# ---- the ONNX text export ------------------------------------------------------------------
+
+@pytest.fixture
+def quick_export(monkeypatch, indexed):
+    """torch.onnx.export traces the model for seconds: these exports write the model that
+    `indexed` exported instead (through open(), so the faults reach it as they reach the
+    real save). ONNX Runtime's optimisation, the checks against torch, the bundle's files
+    and its rename: all real."""
+    from vqret.retrieval import onnx_export
+    from vqret.retrieval.onnx_text import DATA_FILE, MODEL_FILE
+
+    made = indexed / ".vqret" / "text_encoder"
+    files = {name: (made / name).read_bytes() for name in (MODEL_FILE, DATA_FILE)}
+
+    def export(module, prefix, tokenizer, path: Path) -> None:
+        for name, data in files.items():
+            with open(path.parent / name, "wb") as f:
+                f.write(data)
+
+    monkeypatch.setattr(onnx_export, "_torch_export", export)
+
+
+def text_path(store_path: Path) -> str:
+    """ready (text searches skip torch), retry (the next index or search exports), or
+    recorded (the model was given up on)."""
+    from vqret.retrieval.onnx_text import TextEncoderUnavailable, load_text_encoder
+
+    try:
+        load_text_encoder(store_path, Store(store_path).spec).embed_texts([])
+        return "ready"
+    except TextEncoderUnavailable as e:
+        return "retry" if e.rebuild else f"recorded: {e.reason}"
+
+
+@pytest.fixture
+def without_export(indexed, tmp_path, embedder):
+    """`indexed` brought up to date, its text encoder removed: `vqret index` then writes
+    nothing but the export."""
+    from vqret.api import Collection
+
+    folder = tmp_path / "template" / "photos"
+    shutil.copytree(indexed, folder)
+    Collection.create(folder, embedder=embedder).index()
+    shutil.rmtree(folder / ".vqret" / "text_encoder")
+    return folder
+
+
+def test_onnx_export_every_fault_is_retried_not_recorded(without_export, tmp_path,
+                                                          quick_export):
+    state = lambda work: {**store_state(work / ".vqret"), "text": text_path(work / ".vqret")}  # noqa: E731
+    assert state(without_export)["text"] == "retry"
+    calls = fault_loop(without_export, lambda work: ["index", work, "--device", "cpu",
+                                                     "--workers", "0", "--quiet"],
+                       state, tmp_path, only=lambda path: "text_encoder" in path)
+    assert calls >= 8  # folders, the raw model, tokenizer, meta, fsyncs, the rename
+
+
+def test_a_disk_failure_recorded_by_an_older_vqret_is_retried(without_export, quick_export):
+    """What the issue met: "export failed earlier: ... No space left on device" recorded as
+    if the model couldn't be exported; the next search now exports it."""
+    from vqret.retrieval.onnx_text import FORMAT_VERSION, library_versions, spec_key
+
+    store = without_export / ".vqret"
+    bundle = store / "text_encoder"
+    bundle.mkdir()
+    (bundle / "meta.json").write_text(json.dumps({
+        "format": FORMAT_VERSION, "key": spec_key(Store(store).spec),
+        "failed": "torch.onnx.export failed: [Errno 28] No space left on device",
+        "versions": library_versions()}))
+    assert text_path(store) == "retry"
+    result = invoke("search", "a red circle", "--store", store, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) and text_path(store) == "ready"
+
+
+def test_a_model_that_cant_be_exported_is_still_recorded_once(without_export, monkeypatch):
+    from vqret.retrieval import onnx_export
+    from vqret.retrieval.onnx_text import TextEncoderUnavailable
+
+    tries = []
+
+    def unsupported(*args):
+        tries.append(1)
+        raise TextEncoderUnavailable("torch.onnx.export failed: unsupported operator")
+
+    monkeypatch.setattr(onnx_export, "_torch_export", unsupported)
+    for _ in range(2):
+        result = invoke("index", without_export, "--device", "cpu", "--workers", "0", "--quiet")
+        assert result.exit_code == 0, result.output  # the torch path still answers
+    assert text_path(without_export / ".vqret") == (
+        "recorded: export failed earlier: torch.onnx.export failed: unsupported operator")
+    assert len(tries) == 1  # the second run didn't try again
+
+
+# ---- real faults: a full disk, a read-only filesystem --------------------------------------
+
+
+def _mount(folder: Path, options: str) -> str | None:
+    """Mount a tmpfs at `folder` (or remount it with `options`); why not, when it can't."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    folder.mkdir(parents=True, exist_ok=True)
+    remount = os.path.ismount(folder)
+    cmd = ["mount", "-o", f"remount,{options}", str(folder)] if remount else \
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"mount failed: {e}"
+    return None if proc.returncode == 0 else f"mount not permitted here: {proc.stderr.strip()}"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """(folder, mount(options)): a small tmpfs of our own, unmounted afterwards."""
+    folder = tmp_path / "tmpfs"
+
+    def mount(options: str) -> None:
+        reason = _mount(folder, options)
+        if reason is not None:
+            pytest.skip(reason)
+
+    yield folder, mount
+    if os.path.ismount(folder):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=60)
+
+
+def test_a_real_full_disk(tmpfs, tmp_path, tiny_clip, quick_export):
+    """The issue's run: a store on a 150 KB tmpfs that fills during `vqret index`."""
+    disk, mount = tmpfs
+    mount("size=150k")
+    images = tmp_path / "images"
+    make_shape_folder(images, 400, seed=8)
+    store = disk / "store"
+    model = ["--model", tiny_clip[0], "--pretrained", tiny_clip[1]]
+    first = run_cli("index", str(images), "--store", str(store), *model, "--device", "cpu",
+                    "--commit-every", "40", "--workers", "0", check=False)
+    assert first.returncode == 1 and first.stdout == "", first.stderr
+    line = first.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line, line
+    assert NO_SPACE in line and str(store) in line and "committed rows are kept" in line
+    committed = store_state(store)
+    assert 0 < len(committed["rows"]) < 400, line
+
+    mount("size=1m")  # room for the rows, not for the 7 MB text encoder
+    args = ["index", images, "--store", store, "--device", "cpu", "--workers", "0", "--quiet"]
+    second = invoke(*args)
+    assert_one_line(second, "couldn't write the ONNX text encoder", NO_SPACE)
+    assert len(store_state(store)["rows"]) == 400
+    assert text_path(store) == "retry"  # not recorded as a model that can't be exported
+    assert temp_files(store) == []
+
+    mount("size=16m")
+    assert invoke(*args).exit_code == 0
+    final = store_state(store)
+    assert_same_rows(final, final, committed, "after the disk had room again")
+    assert text_path(store) == "ready"
+
+
+@pytest.fixture
+def read_only(tmpfs, indexed, embedder):
+    """`indexed`, up to date, on a filesystem mounted read-only, its text encoder removed
+    (so that a search would like to export it)."""
+    from vqret.api import Collection
+
+    disk, mount = tmpfs
+    mount("size=16m")
+    folder = disk / "photos"
+    shutil.copytree(indexed, folder)
+    Collection.create(folder, embedder=embedder).index()
+    shutil.rmtree(folder / ".vqret" / "text_encoder")
+    mount("ro")
+    return folder
+
+
+def search_still_works(folder: Path) -> None:
+    store = folder / ".vqret"
+    result = invoke("search", "a red circle", "--store", store, "--json", "-k", "3")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 3
+    assert invoke("info", "--store", store).exit_code == 0
+    from starlette.testclient import TestClient
+    from vqret.server.app import create_app
+
+    app = create_app([str(store)])
+    with TestClient(app) as client:
+        answer = client.post("/api/search", json={"text": "a red circle", "k": 4})
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["results"]) == 4
+        there = [r for r in answer.json()["results"] if (folder / r["path"]).is_file()]
+        thumb = client.get(there[0]["thumbnail_url"])  # made in memory: nothing written
+        assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+
+
+def test_a_read_only_store_answers_and_index_says_why(read_only):
+    search_still_works(read_only)
+    result = invoke("index", read_only, "--device", "cpu", "--workers", "0", "--quiet")
+    assert_one_line(result, "read-only file system", "searching still works")
+    assert not (read_only / ".vqret" / "text_encoder").exists()
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_a_store_nothing_may_be_written_to_answers(indexed, tmp_path, code):
+    """A folder without write permission (root ignores permissions, so every write is
+    refused by fault injection instead of chmod)."""
+    folder = tmp_path / "photos"
+    shutil.copytree(indexed, folder)
+    invoke("index", folder, "--device", "cpu", "--workers", "0", "--quiet")
+    shutil.rmtree(folder / ".vqret" / "text_encoder")
+    before = store_state(folder / ".vqret")
+    make_shape_folder(folder / "new", 1, seed=99)
+    with Faults(fail_at=1, error=code, repeat=True):
+        search_still_works(folder)
+        result = invoke("index", folder, "--device", "cpu", "--workers", "0", "--quiet")
+    assert_one_line(result, os.strerror(code).lower(), "the store's lock")
+    assert store_state(folder / ".vqret") == before
+
+
+def test_a_stale_lock_never_blocks_a_read_nor_the_next_writer(indexed, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(indexed, folder)
+    store = folder / ".vqret"
+    dead = subprocess.run(["true"], check=True)  # noqa: S607 - its pid is free once it's gone
+    del dead
+    (store / "lock").write_text("")
+    (store / "writer.pid").write_text("999999\tvqret index")  # a writer killed long ago
+    search_still_works(folder)
+    with Store(store).writer():  # and a live writer holding the lock: reads don't wait
+        search_still_works(folder)
+    result = invoke("index", folder, "--device", "cpu", "--workers", "0", "--quiet")
+    assert result.exit_code == 0, result.output
