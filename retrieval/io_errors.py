@@ -54,7 +54,7 @@ _KINDS = (
     (re.compile(r"\.faiss$|(^|/)(images|texts)\.json$"), "the search index"),
     (re.compile(r"(^|/)(lock|writer\.pid)$"), "the store's lock"),
     (re.compile(r"text_encoder"), "the ONNX text encoder"),
-    (re.compile(r"(^|/)diffusion/generated/"), "a generated picture"),
+    (re.compile(r"(^|/)diffusion/generated(/|$)"), "a generated picture"),
     (re.compile(r"(^|/)diffusion(/|$)"), "the diffusion model"),
     (re.compile(r"(^|/)tokenizer(/|$)"), "the tokenizer"),
     (re.compile(r"(^|/)latents(/|$)"), "the latents cache"),
