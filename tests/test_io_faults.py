@@ -567,3 +567,15 @@ def test_serve_answers_a_failed_write_in_one_line_and_goes_on(generative, caplog
         assert again.status_code == 200 and again.json()["generated"], again.text
     logged = [r for r in caplog.records if r.name == "vqret.server"]
     assert logged and logged[0].exc_info is None and NO_SPACE in logged[0].getMessage()
+
+
+def test_vqret_debug_shows_the_traceback_too(indexed, tmp_path, export_checked_elsewhere):
+    folder = tmp_path / "photos"
+    shutil.copytree(indexed, folder)
+    args = ["index", str(folder), "--device", "cpu", "--workers", "0", "--quiet"]
+    for debug, traced in (("1", True), ("0", False)):
+        with Faults(fail_at=1, only=lambda path: "manifest" in path):
+            result = CliRunner().invoke(app, args, env={"VQRET_DEBUG": debug})
+        assert result.exit_code == 1 and ("Traceback" in result.stderr) == traced
+        assert result.stderr.strip().splitlines()[-1].startswith("error: couldn't write the "
+                                                                 "store's manifest")
