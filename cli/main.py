@@ -188,7 +188,7 @@ def index(
                 ray_run = _ray_summary(ray_embedder.last_run)
                 ray_embedder.close()
         # Once per model: text searches then start without torch (retrieval/onnx_text.py).
-        text_status = collection.prepare_fast_text_search()
+        text_status = collection.prepare_fast_text_search(raise_io_errors=True)
     if not (as_json or quiet) and text_status.startswith("exported"):
         err.print(f"text encoder {text_status} (ONNX): text searches start without torch",
                   highlight=False)

@@ -116,6 +116,12 @@ def serve(
     except _known_errors() as e:
         sock.close()
         _fail(str(e))
+    except OSError as e:  # the disk: one line (io_errors.py), as every command says it
+        from rich.markup import escape
+        from vqret.retrieval.io_errors import describe
+
+        sock.close()
+        _fail(escape(describe(e, "the store is unchanged")))
     service = app.state.service
     bound_port = sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host

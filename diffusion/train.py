@@ -153,10 +153,14 @@ def _train(store, out, tok, preset, overrides, steps, minutes, batch_size, lr, s
         return minutes is None or info.train_seconds < minutes * 60
 
     def save() -> None:
-        save_checkpoint(ema, info, out)
+        # Train state first: resuming reads only it (it holds the EMA weights too), so a
+        # write that fails between the two (a full disk, a kill) still resumes, and that
+        # run's closing save() writes the model again.
+        out.mkdir(parents=True, exist_ok=True)
         train_state = {"info": info.to_dict(), "model": model.state_dict(),
                        "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
         atomic_write(out / TRAIN_STATE_FILE, lambda tmp: torch.save(train_state, tmp))
+        save_checkpoint(ema, info, out)
 
     model.train()
     losses: list[float] = []

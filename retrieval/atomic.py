@@ -6,6 +6,9 @@ The new content goes to a temp name in the same folder (same filesystem, so the 
 atomic), is fsynced, renamed over the target, and the folder is fsynced: a run killed at any
 moment, or a power cut, leaves the previous file. Temp names start with ".tmp-", which is
 how a store's next writer recognises (and removes) what a killed one left.
+
+A failed write raises OSError naming the target and "write" (io_errors.annotate), whichever
+library wrote the file: the one line a user sees says what was being written (io_errors.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from .io_errors import annotate, as_os_error
 
 # bytes or text to write, or a function that writes the file at the path it is given (the
 # libraries that only save to a path: safetensors, torch.save, pyarrow, PIL, faiss)
@@ -27,7 +32,15 @@ def atomic_write(path: str | os.PathLike[str], content: Content) -> None:
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
         if callable(content):
-            content(str(tmp))
+            try:
+                content(str(tmp))
+            except OSError:
+                raise
+            except Exception as e:  # faiss, torch: a full disk as their RuntimeError
+                found = as_os_error(e, tmp)
+                if found is None:
+                    raise
+                raise found from e
         else:
             tmp.write_bytes(content.encode() if isinstance(content, str) else content)
         fsync_file(tmp)
@@ -36,8 +49,11 @@ def atomic_write(path: str | os.PathLike[str], content: Content) -> None:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
         fsync_folder(path.parent)
+    except OSError as e:
+        annotate(e, "write", path)
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
 
 
 def replace_folder(new: Path, final: Path) -> None:
@@ -47,16 +63,29 @@ def replace_folder(new: Path, final: Path) -> None:
         if f.is_file():
             fsync_file(f)
     old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        os.replace(final, old)
     try:
-        os.replace(new, final)
-    except OSError:
-        if old.exists() and not final.exists():
-            os.replace(old, final)
+        if final.exists():
+            os.replace(final, old)
+        try:
+            os.replace(new, final)
+        except OSError:
+            if old.exists() and not final.exists():
+                os.replace(old, final)
+            raise
+    except OSError as e:
+        annotate(e, "write", final)
         raise
     fsync_folder(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_quietly(tmp: Path) -> None:
+    """Remove a temp file; where even that fails (the folder is gone or read-only), the next
+    writer's sweep of ".tmp-" names does it, and the write's own error is the one to report."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:

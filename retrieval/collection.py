@@ -483,11 +483,12 @@ class Collection:
         is missing, stale or damaged: `prepare_fast_text_search()` would mend that."""
         return self._texts.export_would_help
 
-    def prepare_fast_text_search(self) -> str:
+    def prepare_fast_text_search(self, raise_io_errors: bool = False) -> str:
         """Export the model's text tower to ONNX into the store (when not already there and
         up to date), so that later text searches run without torch. Never raises: a model
-        that can't be exported keeps the torch path. Returns a short status."""
-        return self._texts.prepare()
+        that can't be exported keeps the torch path; a write that failed (full disk) raises
+        its OSError only with `raise_io_errors`. Returns a short status."""
+        return self._texts.prepare(raise_io_errors)
 
     def _lookup(self, table: str) -> dict[int, dict]:
         """id -> row (without embeddings) of a table, cached for the current generation."""

@@ -3,6 +3,10 @@ onnx_text.py, which describes the bundle and what guards it.
 
 The export runs once per model: `vqret index` calls `ensure_text_encoder`, and so does a
 search that found no usable bundle, after it answered through torch.
+
+Only a model that can't take this path is recorded as such (TextEncoderUnavailable without
+`rebuild`). A failure of the disk, the memory or a signal is not: writing the export goes
+through OSError (io_errors.py), and the next `index` or search exports again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import replace_folder
+from .io_errors import annotate, as_os_error, is_environmental
 from .one_line import first_line
 from .onnx_text import (
     BUNDLE_DIRNAME,
@@ -52,9 +57,12 @@ EXPORT_CHECKS = (
 )
 
 
-def ensure_text_encoder(store_path: str | os.PathLike, embedder: Any) -> str:
+def ensure_text_encoder(
+    store_path: str | os.PathLike, embedder: Any, *, raise_io_errors: bool = False
+) -> str:
     """Export the text encoder unless an up-to-date one is there; never raises (a failure
-    only means text queries keep the torch path). Returns a short status for logs."""
+    only means text queries keep the torch path), except, with `raise_io_errors`, the OSError
+    of a write that failed (`vqret index` reports it). Returns a short status for logs."""
     try:
         # the whole check a search makes: meta, sizes, tokenizer, and the probe embedding
         load_text_encoder(store_path, embedder.spec).embed_texts([])
@@ -71,6 +79,8 @@ def ensure_text_encoder(store_path: str | os.PathLike, embedder: Any) -> str:
         log.warning("text queries keep the torch path: %s", e.reason)
         return f"torch path: {e.reason}"
     except OSError as e:  # a read-only or full store: the next run tries again
+        if raise_io_errors:
+            raise
         log.warning("couldn't write the text encoder into %s: %s", store_path, e)
         return f"torch path: {e}"
     except Exception as e:  # noqa: BLE001 - an unforeseen failure must not fail indexing
@@ -91,6 +101,9 @@ def export_text_encoder(store_path: str | os.PathLike, embedder: Any) -> dict[st
     key = spec_key(embedder.spec)
     try:
         return _export(Path(store_path), embedder, key)
+    except OSError as e:
+        annotate(e, "write", bundle_dir(store_path))
+        raise
     except TextEncoderUnavailable as e:
         if not e.rebuild:
             _publish(Path(store_path), {META_FILE: _meta_bytes(
@@ -149,6 +162,9 @@ def _export(store_path: Path, embedder: Any, key: dict[str, Any]) -> dict[str, A
         try:
             ort.InferenceSession(str(raw / MODEL_FILE), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
+            found = as_os_error(e, tmp / MODEL_FILE)  # writing the optimised model, a full disk
+            if found is not None:
+                raise found from e
             raise TextEncoderUnavailable(f"onnxruntime can't load the export: {e}") from None
         shutil.rmtree(raw)
         tokenizer.save(tmp / TOKENIZER_FILE)
@@ -238,16 +254,26 @@ def _torch_export(module: Any, prefix: bool, tokenizer: ClipTokenizer, path: Pat
         shapes = {"tokens": {0: torch.export.Dim("batch")}}
     # The exporter prints progress on stdout, where `--json` output goes.
     noise = io.StringIO()
+    quiet = (contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise))
     try:
-        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise), \
-                torch.inference_mode(False), torch.no_grad():
+        with quiet[0], quiet[1], torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(
                 module, (example,), input_names=["tokens"], output_names=["features"],
                 dynamic_shapes=shapes, dynamo=True, verbose=False,
             )
-            program.save(str(path), external_data=True)
     except Exception as e:  # noqa: BLE001 - the exporter fails in many ways on exotic models
+        if is_environmental(e):  # out of memory, a full temp disk: not the model's fault
+            raise
         raise TextEncoderUnavailable(f"torch.onnx.export failed: {first_line(e)}") from None
+    # Saving is a write, whatever the exporter raises: never a reason to give the model up.
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            program.save(str(path), external_data=True)
+    except Exception as e:
+        found = as_os_error(e, path)
+        if found is None:
+            raise
+        raise found from e
 
 
 def _remove_leftovers(store_path: Path, min_age_s: float = 3600) -> None:

@@ -100,8 +100,13 @@ def read_meta(store_path: str | os.PathLike, spec: ModelSpec) -> dict[str, Any]:
         raise TextEncoderUnavailable(f"{path}: made for another model (stale)", rebuild=True)
     if "failed" in meta:
         # An export that failed with these library versions fails again: don't retry it on
-        # every search. New versions get another try.
-        if meta.get("versions") == library_versions():
+        # every search. New versions get another try, and so does a record an older vqret
+        # made of a full disk or the like (io_errors.looks_environmental): not the model's.
+        from .io_errors import looks_environmental
+
+        if meta.get("versions") == library_versions() and not looks_environmental(
+            str(meta["failed"])
+        ):
             raise TextEncoderUnavailable(f"export failed earlier: {meta['failed']}")
         raise TextEncoderUnavailable(f"export failed earlier: {meta['failed']}", rebuild=True)
     return meta

@@ -83,9 +83,13 @@ class StoreWriter:
                 f"{store.path}: another writer{holder} is writing to this store; wait for "
                 "it to finish or pass --wait SECONDS"
             ) from None
-        (store.path / "writer.pid").write_text(f"{os.getpid()}\t{_this_command()}")
-        store.refresh()
-        self._remove_leftovers()
+        try:
+            (store.path / "writer.pid").write_text(f"{os.getpid()}\t{_this_command()}")
+            store.refresh()
+            self._remove_leftovers()
+        except BaseException:  # a full or read-only disk: the lock must not outlive us
+            self._lock.release()
+            raise
         self._part_ids: dict[tuple[str, str], np.ndarray] = {}
         self._checks: dict[str, dict[str, dict]] = {t: {} for t in TABLES}  # parts written
         # What this writer changed, so the search index can be updated instead of rebuilt.

@@ -97,13 +97,14 @@ class TextQueries:
         self.reason = reason
         self.export_would_help = rebuild
 
-    def prepare(self) -> str:
+    def prepare(self, raise_io_errors: bool = False) -> str:
         """Export the text tower into the store (Collection.prepare_fast_text_search)."""
         from .onnx_export import ensure_text_encoder
 
         embedder = self.collection.embedder
         # a Ray embedder embeds captions with a local model: that one exports
         embedder = getattr(embedder, "text_embedder", None) or embedder
-        status = ensure_text_encoder(self.collection.store.path, embedder)
+        status = ensure_text_encoder(self.collection.store.path, embedder,
+                                     raise_io_errors=raise_io_errors)
         self.export_would_help = False
         return status

@@ -48,7 +48,7 @@ from vqret.retrieval.one_line import first_line
 from vqret.retrieval.query import IMAGES, TEXTS, QueryError
 
 from . import clip_compat
-from .guard import Guard, http_error, internal_error, query_error
+from .guard import Guard, http_error, internal_error, io_error, query_error
 from .inputs import RequestError, parse_int
 from .served_store import ServedStore, StoresArg, open_collections
 from .service import SearchService
@@ -132,6 +132,7 @@ def create_app(
         exception_handlers={
             QueryError: query_error,
             HTTPException: http_error,
+            OSError: io_error,
             Exception: internal_error,
         },
         lifespan=lifespan,

@@ -2,17 +2,23 @@
 
 Every error is JSON `{"error": message, "status": code}`: a QueryError (bad input, from any
 layer) keeps its status and headers (Retry-After); Starlette's own 404/405 say what was asked;
-a bug is a bare 500 whose trace goes to the server's log only.
+a bug is a bare 500 whose trace goes to the server's log only. A failed write (a generated
+picture on a full disk, a read-only store) is the one line io_errors.describe words, with
+507 for a full disk or quota and 503 otherwise, logged as that line (VQRET_DEBUG=1: the trace).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 from collections.abc import Mapping, Sequence
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from vqret.retrieval.io_errors import describe
 from vqret.retrieval.query import QueryError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -45,6 +51,16 @@ async def http_error(request: Request, exc: Exception) -> Response:
     else:
         message = str(exc.detail)
     return error_response(exc.status_code, message, exc.headers)
+
+
+async def io_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OSError)
+    message = describe(exc, "the store is unchanged")
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    debug = os.environ.get("VQRET_DEBUG", "") not in ("", "0")
+    logging.getLogger("vqret.server").error("%s %s: %s", request.method, request.url.path,
+                                            message, exc_info=exc if debug else None)
+    return error_response(507 if full else 503, message)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

@@ -315,8 +315,8 @@ def _train(
         save(metrics)
         say(f"interrupted at step {step}: saved to {out}; run again to resume")
         raise
-    if state is None or step != resumed_from:
-        save(metrics)
+    if state is None or step != resumed_from or not _model_saved_at(out, step):
+        save(metrics)  # (a run that failed between the train state and the model: the model)
     elif not metrics and held_out.shape[0]:
         metrics = evaluate(model, held_out, batch_size=batch_size)
     return TrainResult(
@@ -388,6 +388,16 @@ def _load_train_state(out: Path, config: TokenizerConfig) -> dict[str, Any] | No
             "preset and options, or start over in another folder (or with resume off / --fresh)"
         )
     return state
+
+
+def _model_saved_at(out: Path, step: int) -> bool:
+    """Whether the checkpoint beside the train state is of `step` (and readable)."""
+    from .checkpoint import read_checkpoint_info
+
+    try:
+        return read_checkpoint_info(out).get("step") == step
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _save_train_state(out: Path, model, optimizer, step, train_seconds, images_seen) -> None:
