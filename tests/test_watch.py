@@ -327,3 +327,24 @@ def test_serve_watch_answers_a_photo_dropped_in(tmp_path, embedder):
             eventually(found, "the dropped photo answered by the running server")
     finally:
         server.stop()
+
+
+def test_a_locked_store_is_retried_and_reported_once(tmp_path, embedder):
+    from vqret import Collection
+    from vqret.retrieval.watch import watch_folder
+
+    folder = tmp_path / "photos"
+    make_shape_folder(folder, 2, seed=11)
+    Collection.create(folder, embedder=embedder)  # an empty store
+    store = Store.open(folder / ".vqret")
+    rounds, errors = [], []
+    watcher = watch_folder(store, embedder, on_round=rounds.append, on_error=errors.append,
+                           watcher_options={"settle_s": 0.0})
+    with Store.open(folder / ".vqret").writer():  # another writer holds the store
+        watcher._round(1, first=True)
+        watcher._round(0, first=False)
+    assert not rounds and len(errors) == 1 and "another writer" in errors[0]
+    assert watcher._retry  # the next tick runs the pass
+    watcher._round(0, first=False)
+    (done,) = rounds
+    assert done.report.added == 2 and not watcher._retry and in_sync(folder)
