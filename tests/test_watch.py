@@ -82,6 +82,27 @@ class Running:
                 self.proc.wait()
 
 
+@pytest.fixture(scope="module")
+def text_encoder(tmp_path_factory, embedder) -> Path:
+    """The fixture model's ONNX text encoder, exported once: a watcher's first pass exports it
+    into a store that lacks it (as `index` does), seconds each on a busy machine."""
+    from vqret import Collection
+
+    folder = tmp_path_factory.mktemp("exported") / "photos"
+    folder.mkdir()
+    collection = Collection.create(folder, embedder=embedder)
+    assert collection.prepare_fast_text_search().startswith("exported")
+    return collection.store.path / "text_encoder"
+
+
+def new_store(folder: Path, embedder, text_encoder: Path) -> None:
+    """An empty store for `folder`, with the text encoder already exported."""
+    from vqret import Collection
+
+    store = Collection.create(folder, embedder=embedder).store
+    shutil.copytree(text_encoder, store.path / text_encoder.name)
+
+
 def start_watch(folder: Path, tiny_clip, *extra: str) -> tuple[Running, dict]:
     """`vqret watch FOLDER --json`, and its first pass's line (the watch is set up by then)."""
     watcher = Running("watch", str(folder), "--model", tiny_clip[0], "--pretrained",
@@ -127,7 +148,7 @@ def write_png(path: Path, color: str, shape: str, seed: int) -> None:
 
 
 def test_watch_follows_every_kind_of_change_and_matches_a_fresh_index(tmp_path, tiny_clip,
-                                                                     embedder):
+                                                                     embedder, text_encoder):
     from vqret import Collection
 
     folder = tmp_path / "photos"
@@ -135,6 +156,7 @@ def test_watch_follows_every_kind_of_change_and_matches_a_fresh_index(tmp_path, 
     past = time.time() - 60
     for path in folder.iterdir():  # not "being written" when the watcher starts
         os.utime(path, (past, past))
+    new_store(folder, embedder, text_encoder)
     watcher, first = start_watch(folder, tiny_clip)
     try:
         assert first["added"] == 12 and first["images"] == 12
@@ -187,9 +209,11 @@ def test_watch_follows_every_kind_of_change_and_matches_a_fresh_index(tmp_path, 
     assert watcher.proc.returncode == 130  # Ctrl-C: "committed work is kept"
 
 
-def test_a_burst_is_a_few_commits_and_a_killed_watcher_catches_up(tmp_path, tiny_clip):
+def test_a_burst_is_a_few_commits_and_a_killed_watcher_catches_up(tmp_path, tiny_clip,
+                                                                  embedder, text_encoder):
     folder = tmp_path / "photos"
     make_shape_folder(folder, 2, seed=7)
+    new_store(folder, embedder, text_encoder)
     staging = tmp_path / "staging"
     staging.mkdir()
     rng = np.random.default_rng(0)
