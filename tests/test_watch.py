@@ -120,7 +120,7 @@ def eventually(condition, what: str) -> None:
                 return
         except (OSError, KeyError):  # a part replaced between the manifest and the read
             pass
-        time.sleep(0.1)
+        time.sleep(0.2)
     raise AssertionError(f"not in time: {what}")
 
 
@@ -335,7 +335,8 @@ def test_serve_watch_answers_a_photo_dropped_in(tmp_path, embedder):
 
     folder = tmp_path / "shapes"
     index_shapes(folder, embedder, n=12)
-    server = Running("serve", "--store", str(folder), "--watch", "--port", "0",
+    # --poll: the watcher that stats the tree (network mounts); the watch tests use inotify
+    server = Running("serve", "--store", str(folder), "--watch", "--poll", "--port", "0",
                      "--device", "cpu")
     try:
         line = server.next_line()
