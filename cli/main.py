@@ -123,11 +123,20 @@ def index(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Then keep the store in step as files change "
+                           "(vqret watch).")
+    ] = False,
+    poll: Annotated[bool, typer.Option("--poll", help="--watch by polling (network mounts).")] = (
+        False
+    ),
 ) -> None:
     """Embed every image under FOLDER; again, it touches only what changed."""
     with clean_errors():
         from vqret.api import Collection
 
+        if watch and engine != "local":
+            fail("--watch indexes with --engine local")
         if engine not in ("local", "ray"):
             fail(f"unknown engine {engine!r}: use local or ray")
         if address is not None and engine != "ray":
@@ -143,6 +152,8 @@ def index(
 
         if not is_url(folder) and not Path(folder).is_dir():
             fail(f"{folder}: not a folder")
+        if watch and is_url(folder):
+            fail(f"{folder}: --watch watches a local folder")
         collection = Collection.create(
             folder,
             store,
@@ -204,6 +215,11 @@ def index(
                    if ray_run.get("images_per_actor_second") else ""),
                 highlight=False,
             )
+    if watch:
+        from vqret.cli.watch import keep_watching
+
+        keep_watching(collection, folder, options, poll=poll, as_json=as_json, quiet=quiet,
+                      first_pass=False, run_index=_run_index, print_summary=_print_summary)
 
 
 def _ray_summary(last_run: dict) -> dict:
@@ -400,6 +416,10 @@ _register_bench_filter(bench_app)
 from vqret.cli.bench_parts import register as _register_bench_parts  # noqa: E402
 
 _register_bench_parts(bench_app)
+
+from vqret.cli.watch import register as _register_watch  # noqa: E402
+
+_register_watch(app, _run_index, _print_summary)
 
 
 @bench_app.command("recall")

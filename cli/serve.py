@@ -88,6 +88,13 @@ def serve(
         ),
     ] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Also keep each store in step with its folder "
+                           "(vqret watch, in this process): new photos show up as they land.")
+    ] = False,
+    poll: Annotated[bool, typer.Option("--poll", help="--watch by polling (network mounts).")] = (
+        False
+    ),
 ) -> None:
     """Serve stores over HTTP: a search page, a JSON API, and clip-retrieval's API."""
     try:
@@ -136,6 +143,11 @@ def serve(
             "search and view the indexed images",
             highlight=False,
         )
+    watchers = []
+    if watch:
+        from vqret.cli.watch import watch_served
+
+        watchers = watch_served(service, poll)
     config = uvicorn.Config(
         app,
         log_level="info" if access_log else "warning",
@@ -145,6 +157,8 @@ def serve(
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        for watcher in watchers:
+            watcher.stop()
         service.close()
 
 

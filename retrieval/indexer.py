@@ -24,7 +24,7 @@ a Hasher (hasher.py: this process's threads, or the Ray engine's tasks).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ from .store import (
     row_schema,
 )
 from .texts import is_sidecar, sidecar_rows, sync_texts
-from .walk import walk_images
+from .walk import FileEntry, walk_images
 
 ProgressCallback = Callable[[int, int], None]  # (images embedded so far, images to embed)
 
@@ -117,6 +117,7 @@ class Indexer:
         source: Any | None = None,
         hasher: Hasher | None = None,
         facts_reader: FactsReader | None = None,
+        walk: Callable[..., Iterable[FileEntry]] = walk_images,
     ):
         self.store = store
         self.embedder = embedder
@@ -140,6 +141,9 @@ class Indexer:
         # Where an old store's rows have their files' headers read when it is upgraded: None
         # for a few threads on this process, or the Ray engine's tasks.
         self.facts_reader = facts_reader
+        # How the local folder is listed: walk_images, or a wrapper over it (watch.py holds
+        # back files still being written).
+        self.walk = walk
         self.report = IndexReport()
 
     def _fail(self, path: str, error: str) -> None:
@@ -223,7 +227,7 @@ class Indexer:
         if self.source is not None:
             entries = self.source.walk(on_error=on_error)
         else:
-            entries = walk_images(self.folder, exclude=[self.store.path], on_error=on_error)
+            entries = self.walk(self.folder, exclude=[self.store.path], on_error=on_error)
         listing = listing_table(entries)
         paths = listing.column("path")
         at = positions(paths, old_paths)  # each listed file's row (same path), -1: none
