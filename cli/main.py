@@ -402,6 +402,10 @@ from vqret.cli.bench_filter import register as _register_bench_filter  # noqa: E
 
 _register_bench_filter(bench_app)
 
+from vqret.cli.bench_video import register as _register_bench_video  # noqa: E402
+
+_register_bench_video(bench_app)
+
 
 @bench_app.command("recall")
 def bench_recall(
