@@ -111,10 +111,6 @@ def sync_videos(
     stored = _stored_videos(store)
     if not listed and not stored:
         return report
-    if not getattr(embedder, "encode_pixels", None):
-        for entry in listed:
-            fail(entry.relpath, "videos are embedded by the local engine only, for now")
-        return report
     by_path = {v.path: v for v in stored.values()}
     listed_paths = {e.relpath for e in listed}
     gone = {vid: v for vid, v in stored.items() if v.path not in listed_paths}
@@ -148,7 +144,7 @@ def sync_videos(
             report.added += 1
             continue
         try:
-            video = embed_video(embedder, name, every, on_frames=on_frames)
+            video = embed_video(_local_model(embedder), name, every, on_frames=on_frames)
         except VideoError as e:
             fail(entry.relpath, e.cause)
             continue
@@ -172,6 +168,15 @@ def sync_videos(
         writer.commit(remove_ids=[i for v in removed for i in v.ids])
         report.removed = len(removed)
     return report
+
+
+def _local_model(embedder: Any) -> Any:
+    """The model that embeds a video's frames in this process: the embedder itself, or the
+    Ray engine's local model (its `text_embedder`, which sidecar captions use too): the
+    cluster's actors take image files, not frames, for now."""
+    if getattr(embedder, "encode_pixels", None):
+        return embedder
+    return embedder.text_embedder
 
 
 def _rows(store: Any, writer: Any, entry: Any, digest: str, video_id: int,

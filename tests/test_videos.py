@@ -219,3 +219,21 @@ def test_server_shows_the_frame_and_serves_the_video_in_ranges(tmp_path, embedde
             assert part.headers["content-range"] == f"bytes 100-199/{size}"
     finally:
         app.state.service.close()
+
+
+def test_an_engine_without_a_frame_path_embeds_videos_with_its_local_model(tmp_path, embedder):
+    """The Ray engine's embedder takes image files only: its local model (the one sidecar
+    captions use) embeds the frames, as the local engine's would."""
+    from types import SimpleNamespace
+
+    from vqret import Collection
+    from vqret.retrieval.video_index import sync_videos
+
+    folder = tmp_path / "v"
+    folder.mkdir()
+    make_shape_video(folder / "clip.mp4")
+    collection = Collection.create(folder, embedder=embedder)
+    cluster_like = SimpleNamespace(text_embedder=embedder)  # no encode_pixels
+    with collection.store.writer() as writer:
+        report = sync_videos(collection.store, cluster_like, folder, writer)
+    assert report.added == 1 and report.segments == 3 and not report.failed
