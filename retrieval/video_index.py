@@ -19,7 +19,7 @@ video_id), so a video's many rows don't look like one file to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,7 @@ def sync_videos(
     if not listed and not stored:
         return report
     by_path = {v.path: v for v in stored.values()}
+    to_embed: list[tuple[Any, str, _Video | None]] = []  # (listed file, hash, own rows)
     listed_paths = {e.relpath for e in listed}
     gone = {vid: v for vid, v in stored.items() if v.path not in listed_paths}
 
@@ -143,10 +144,18 @@ def sync_videos(
             _move(store, writer, copy, entry, new_id, ids, replace=False)
             report.added += 1
             continue
-        try:
-            video = embed_video(_local_model(embedder), name, every, on_frames=on_frames)
-        except VideoError as e:
-            fail(entry.relpath, e.cause)
+        to_embed.append((entry, digest, own))
+
+    # The engine's own way when it has one (the Ray engine: a video per actor task), else
+    # this process's model; either way each video is committed as soon as it is embedded.
+    embed_many = getattr(embedder, "embed_videos", None) or (
+        lambda names, every, on_frames: _embed_here(_local_model(embedder), names, every,
+                                                    on_frames))
+    names = [str(folder / entry.relpath) for entry, _, _ in to_embed]
+    for i, video in embed_many(names, every, on_frames):
+        entry, digest, own = to_embed[i]
+        if isinstance(video, VideoError):
+            fail(entry.relpath, video.cause)
             continue
         video_id = own.video_id if own is not None else int(writer.allocate_ids(1)[0])
         rows = _rows(store, writer, entry, digest, video_id, video)
@@ -156,9 +165,6 @@ def sync_videos(
             report.updated += 1
         else:
             report.added += 1
-            own = stored[video_id] = _Video(video_id, entry.relpath, 0, 0, None, [])
-        # what is stored now, should a later file of the run be a copy of it
-        own.hash, own.ids = digest, rows["id"].to_pylist()
         report.embedded_frames += video.samples
         report.segments += len(video.segments)
         report.video_seconds += video.info.duration
@@ -170,10 +176,20 @@ def sync_videos(
     return report
 
 
+def _embed_here(model: Any, names: list[str], every: float,
+                on_frames: Callable[[int], None] | None) -> Iterator[tuple[int, Any]]:
+    """(index into names, EmbeddedVideo or VideoError), one video after another."""
+    for i, name in enumerate(names):
+        try:
+            yield i, embed_video(model, name, every, on_frames=on_frames)
+        except VideoError as e:
+            yield i, e
+
+
 def _local_model(embedder: Any) -> Any:
     """The model that embeds a video's frames in this process: the embedder itself, or the
-    Ray engine's local model (its `text_embedder`, which sidecar captions use too): the
-    cluster's actors take image files, not frames, for now."""
+    local model of an engine that only takes image files (its `text_embedder`, which sidecar
+    captions use too)."""
     if getattr(embedder, "encode_pixels", None):
         return embedder
     return embedder.text_embedder
