@@ -115,6 +115,7 @@ def sync_videos(
     to_embed: list[tuple[Any, str, _Video | None]] = []  # (listed file, hash, own rows)
     listed_paths = {e.relpath for e in listed}
     gone = {vid: v for vid, v in stored.items() if v.path not in listed_paths}
+    stored_rows = _VideoRows(store)
 
     for entry in listed:
         own = by_path.get(entry.relpath)
@@ -127,12 +128,13 @@ def sync_videos(
             fail(entry.relpath, cause or "unreadable")
             continue
         if own is not None and own.hash == digest:
-            _move(store, writer, own, entry, own.video_id, own.ids)  # touched: same rows
+            # touched: the same rows, under the new size and mtime
+            _move(store, writer, stored_rows, own, entry, own.video_id, own.ids)
             report.unchanged += 1
             continue
         source = next((v for v in gone.values() if v.hash == digest), None)
         if source is not None and own is None:
-            _move(store, writer, source, entry, source.video_id, source.ids)
+            _move(store, writer, stored_rows, source, entry, source.video_id, source.ids)
             del gone[source.video_id]
             report.renamed += 1
             continue
@@ -141,7 +143,7 @@ def sync_videos(
         if copy is not None and own is None:
             new_id = int(writer.allocate_ids(1)[0])
             ids = writer.allocate_ids(len(copy.ids)).tolist()
-            _move(store, writer, copy, entry, new_id, ids, replace=False)
+            _move(store, writer, stored_rows, copy, entry, new_id, ids, replace=False)
             report.added += 1
             continue
         to_embed.append((entry, digest, own))
@@ -220,14 +222,29 @@ def _rows(store: Any, writer: Any, entry: Any, digest: str, video_id: int,
     })
 
 
-def _move(store: Any, writer: Any, source: _Video, entry: Any, video_id: int,
-          ids: list[int], *, replace: bool = True) -> None:
+class _VideoRows:
+    """The video rows as the run found them, read once when a first video is renamed or
+    copied (not the whole table per video). A rename, touch or copy reads the rows of a
+    video the run hasn't committed anything for, so the snapshot stays right for them."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._rows: pa.Table | None = None
+
+    def of(self, ids: list[int]) -> pa.Table:
+        if self._rows is None:
+            rows = self.store.read_table()
+            self._rows = rows.filter(pc.is_valid(rows["video_id"]))
+        position = pc.index_in(pa.array(ids, pa.int64()), value_set=self._rows["id"])
+        return self._rows.take(position)
+
+
+def _move(store: Any, writer: Any, stored_rows: _VideoRows, source: _Video, entry: Any,
+          video_id: int, ids: list[int], *, replace: bool = True) -> None:
     """`source`'s rows under the listed file `entry`: its path, size and mtime, with
     `video_id` and `ids`; the old rows dropped in the same commit when `replace` (a rename
     or a touch), kept when not (a copy)."""
-    full = store.read_table()
-    position = pc.index_in(pa.array(source.ids, pa.int64()), value_set=full["id"])
-    rows = full.take(position)
+    rows = stored_rows.of(source.ids)
     n = rows.num_rows
     paths = pa.array([entry.relpath] * n, pa.string())
     mtimes = pa.array([entry.mtime_ns] * n, pa.int64())
