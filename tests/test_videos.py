@@ -7,6 +7,7 @@ videos.py): a blue square for 3 s, a red circle from 3 s to 5 s, a green triangl
 from __future__ import annotations
 
 import io
+import os
 import shutil
 
 import numpy as np
@@ -141,6 +142,13 @@ def test_renamed_keeps_ids_changed_replaces_rows_killed_run_resumes(tmp_path, em
     assert [r["id"] for r in after] == [r["id"] for r in before]
     assert [r["video_id"] for r in after] == [r["video_id"] for r in before]
     assert video_rows(collection, "a.mp4") == []
+
+    # touched (same bytes, new mtime): nothing embedded, the same rows
+    os.utime(folder / "b.mp4", ns=(1_700_000_000_000_000_000,) * 2)
+    touched = collection.index().videos
+    assert touched["unchanged"] == 1 and touched["embedded_frames"] == 0
+    assert [r["id"] for r in video_rows(collection, "b.mp4")] == [r["id"] for r in before]
+    assert collection.info()["videos"] == {"videos": 1, "moments": 3}
 
     # re-encoded with other scenes: its rows replaced (the same video id)
     make_shape_video(folder / "b.mp4", ((0.0, 4.0, "yellow", "star"),
