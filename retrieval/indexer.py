@@ -18,7 +18,8 @@ bytes, same EXIF). A store made before them (schema 1) gets them first, a part p
 without re-embedding anything (`_upgrade`).
 
 The plan is made on Arrow and numpy columns (listing.py); new and changed files are hashed by
-a Hasher (hasher.py: this process's threads, or the Ray engine's tasks).
+a Hasher (hasher.py: this process's threads, or the Ray engine's tasks). Videos, many rows a
+file (one per moment), are synced after the images by video_index.py, with the same rules.
 """
 
 from __future__ import annotations
