@@ -24,6 +24,7 @@ frame shown), so a static shot of an hour is one result, not 1800 near-identical
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -119,7 +120,10 @@ def _open(path: str) -> tuple[Any, Any]:
     try:
         container = av.open(path, mode="r", metadata_errors="ignore")
     except av.FFmpegError as e:
-        raise VideoError(f"not a video PyAV can open: {_cause(e)}") from None
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise VideoError("empty file (0 bytes)") from None
+        # an mp4 cut short before its index (written last by most muxers) reads as garbage
+        raise VideoError(f"truncated, or not a video: {_cause(e)}") from None
     except OSError as e:
         raise VideoError(first_line(e.strerror or e)) from None
     if not container.streams.video:
