@@ -121,6 +121,11 @@ def index(
             help="--engine ray: the cluster, auto or ray://HOST:PORT (default: a local Ray)."
         ),
     ] = None,
+    video_every: Annotated[
+        float, typer.Option("--video-every", min=0.01,
+                            help="Videos: a frame at least every this many seconds, and at "
+                            "scene changes.")
+    ] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
     watch: Annotated[
@@ -131,7 +136,7 @@ def index(
         False
     ),
 ) -> None:
-    """Embed every image under FOLDER; again, it touches only what changed."""
+    """Embed every image and video under FOLDER; again, it touches only what changed."""
     with clean_errors():
         from vqret.api import Collection
 
@@ -172,6 +177,7 @@ def index(
             "wait": wait,
             "index_kind": index_type,
             "index_memory": parse_bytes(index_memory) if index_memory else None,
+            "video_every": video_every,
         }
         if engine == "ray":
             from vqret.retrieval.distributed import RayEmbedder, indexer_options
@@ -259,6 +265,12 @@ def _print_summary(report, collection) -> None:
         f"-> {collection.store.path} ({len(collection.store)} images, {report.seconds:.1f} s)",
         highlight=False,
     )
+    videos = report.videos
+    if videos and any(videos[k] for k in ("added", "updated", "renamed", "removed")):
+        out.print(f"videos: {videos['added']} added, {videos['updated']} updated, "
+                  f"{videos['renamed']} renamed, {videos['removed']} removed; "
+                  f"{videos['embedded_frames']} frames embedded into {videos['segments']} "
+                  "moments", highlight=False)
 
 
 @app.command("index-texts")
@@ -420,6 +432,10 @@ _register_bench_parts(bench_app)
 from vqret.cli.watch import register as _register_watch  # noqa: E402
 
 _register_watch(app, _run_index, _print_summary)
+
+from vqret.cli.bench_video import register as _register_bench_video  # noqa: E402
+
+_register_bench_video(bench_app)
 
 
 @bench_app.command("recall")

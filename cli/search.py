@@ -134,6 +134,10 @@ def search(
     columns: Annotated[
         str | None, typer.Option(help="Row columns to show with each result: taken,camera,...")
     ] = None,
+    per_video: Annotated[
+        int | None, typer.Option("--per-video", min=1,
+                                 help="At most N moments of each video (1: its best).")
+    ] = None,
 ) -> None:
     """Top-k images (or --texts) for a query of weighted text and image terms."""
     with clean_errors():  # a bad query: one line, exit 2 (cli/errors.py)
@@ -143,7 +147,8 @@ def search(
                           types=types or (), camera=camera, min_score=min_score)
         parsed = _query(query, image, add, subtract, like, embedding, k=k, texts=texts,
                         dedupe=dedupe, generate=generate, threshold=threshold, seed=seed,
-                        generate_out=generate_out, filters=filters, columns=columns or ())
+                        generate_out=generate_out, filters=filters, columns=columns or (),
+                        per_video=per_video)
         import faiss
         from vqret.api import Collection
 
@@ -157,8 +162,8 @@ def search(
         if grid is not None:
             from vqret.retrieval.grid import render_grid
 
-            items = [(collection.resolve(r), f"#{r.rank}  {r.score:.3f}") for r in results
-                     if r.path is not None]
+            items = [(_picture(collection, r), f"#{r.rank}  {r.score:.3f}{_at(r)}")
+                     for r in results if r.path is not None]
             render_grid(items, grid, title=parsed.prompt)
     _print(results, collection, as_json=as_json, files=files, texts=texts)
     if grid is not None and not as_json and not files:
@@ -171,6 +176,33 @@ def search(
             err.print("exporting the text encoder once, so that later searches start faster",
                       highlight=False)
         collection.prepare_fast_text_search()
+
+
+def _at(result) -> str:
+    """" @ 01:23" after a video's path (its moment, as players show time); "" for an image."""
+    if result.t is None:
+        return ""
+    seconds = int(result.t)
+    hours, rest = divmod(seconds, 3600)
+    clock = f"{rest // 60:02d}:{rest % 60:02d}"
+    return f" @ {hours}:{clock}" if hours else f" @ {clock}"
+
+
+def _fragment(result) -> str:
+    return "" if result.t is None else f"#t={result.t:.1f}"
+
+
+def _picture(collection, result):
+    """What a grid cell shows: the image file, or a video's frame at the result's t."""
+    path = collection.resolve(result)
+    if result.t is None:
+        return path
+    from vqret.retrieval.video import VideoError, frame_at
+
+    try:
+        return frame_at(str(path), result.t, size=384)
+    except VideoError:
+        return path  # the grid's "unreadable" tile
 
 
 def _query(query, images, add, subtract, likes, embeddings, *, generate_out, **settings):
@@ -232,7 +264,8 @@ def _print(results, collection, *, as_json: bool, files: bool, texts: bool) -> N
         return
     if files:
         for r in results:
-            print(r.text if texts else collection.resolve(r))
+            # a video's moment as a media fragment, which players and browsers open at t
+            print(r.text if texts else f"{collection.resolve(r)}{_fragment(r)}")
         if generated:
             print(generated["path"])
         return
@@ -247,7 +280,7 @@ def _print(results, collection, *, as_json: bool, files: bool, texts: bool) -> N
     for r in results:
         row = [str(r.rank), f"{r.score:.4f}"]
         values = ["" if (r.columns or {}).get(c) is None else str(r.columns[c]) for c in extra]
-        table.add_row(*row, *((r.text, r.path or "") if texts else (r.path, *values)))
+        table.add_row(*row, *((r.text, r.path or "") if texts else (r.path + _at(r), *values)))
     if generated:
         table.add_row("gen", f"{generated['clip_score']:.4f}", generated["path"],
                       *([""] * len(extra)))

@@ -46,11 +46,18 @@ class SearchResult:
     text: str | None = None  # set for results from the text table
     image_id: int | None = None  # for a text: the image it describes, when known
     columns: dict[str, Any] | None = None  # row columns a query asked for (taken, camera...)
+    # a video's moment (video.py): the shown frame's time and its segment, in seconds
+    t: float | None = None
+    segment: tuple[float, float] | None = None
+    video_id: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score}
         if self.text is not None:
             out.update(text=self.text, image_id=self.image_id)
+        if self.t is not None:
+            out.update(t=round(self.t, 3), segment=[round(v, 3) for v in self.segment or ()],
+                       video_id=self.video_id)
         if self.columns:
             out.update(self.columns)
         return out
@@ -279,6 +286,7 @@ class Collection:
         camera: str | None = None,
         min_score: float | None = None,
         columns: Sequence[str] | str = (),
+        per_video: int | None = None,
     ) -> SearchResults:
         """Top-k images (or texts, with texts=True) by cosine similarity to a query.
 
@@ -293,6 +301,8 @@ class Collection:
         `folder` a path prefix or glob, `after`/`before` dates of capture, `types` file types,
         `camera` a make/model substring, `min_score` a cosine floor; the top-k is exact among
         the images that pass. `columns` ("taken,camera") come back in each hit's `columns`.
+        `per_video`: at most this many moments of one video (1: its best); a video's hits
+        have `t` (seconds) and `segment` (start, end).
         Returns SearchResults, a list of SearchResult with
         `.generated`, `.query` and `.note`. Bad input raises QueryError."""
         if isinstance(query, Query):
@@ -316,7 +326,7 @@ class Collection:
         return self.run(build_query(
             query, terms=given, k=k, table=TEXTS if texts else IMAGES, dedupe=dedupe,
             generate=generate, threshold=threshold, seed=seed, filters=filters,
-            columns=columns,
+            columns=columns, per_video=per_video,
         ))
 
     def run(self, query: Query) -> SearchResults:
@@ -361,7 +371,7 @@ class Collection:
         rows = self._lookup(table)
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i in rows]
         if table == IMAGES:
-            return [SearchResult(rank, i, rows[i]["path"], score)
+            return [SearchResult(rank, i, rows[i]["path"], score, **_moment(rows[i]))
                     for rank, (i, score) in enumerate(found, start=1)]
         paths = self._lookup(IMAGES)
         results = []
@@ -493,7 +503,8 @@ class Collection:
     def _lookup(self, table: str) -> dict[int, dict]:
         """id -> row (without embeddings) of a table, cached for the current generation."""
         if table not in self._lookups:
-            columns = ["id", "path"] if table == IMAGES else ["id", "text", "image_id"]
+            columns = (["id", "path", "video_id", "t", "segment_start", "segment_end"]
+                       if table == IMAGES else ["id", "text", "image_id"])
             rows = self.store.read_table(columns, table).to_pylist()
             self._lookups[table] = {r["id"]: r for r in rows}
         return self._lookups[table]
@@ -510,6 +521,14 @@ class Collection:
         from .store_facts import store_facts
 
         return store_facts(self.store)
+
+
+def _moment(row: dict) -> dict[str, Any]:
+    """A video row's SearchResult fields (t, segment, video_id); none for an image."""
+    if row.get("t") is None:
+        return {}
+    return {"t": row["t"], "segment": (row["segment_start"], row["segment_end"]),
+            "video_id": row["video_id"]}
 
 
 class _OwnEmbedder:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 # clip-retrieval's deduplicate: a result this close (cosine) to a better one is a duplicate.
 DEDUP_THRESHOLD = 0.94
 DEDUP_FETCH_FACTOR = 5  # duplicates are dropped after the knn: look this much further
+# --per-video drops a video's moments past its best few: look this much further (a video
+# of many segments can fill a short list on its own)
+PER_VIDEO_FETCH_FACTOR = 10
 MAX_QUERY_PIXELS = 50_000_000  # query images: well above any camera, far below a bomb
 
 
@@ -156,12 +159,12 @@ def nearest_hits(collection: Collection, query: Query,
                  vector: np.ndarray) -> tuple[list, str | None]:
     """The top-k SearchResults for a unit vector, after the filters, "more like this" and
     dedupe; and a one-line note when the filters leave nothing to rank."""
-    from .collection import SearchResult
-
     excluded = set(query.like_ids) if query.table == IMAGES else set()
     fetch = max(query.k, query.fetch or query.k)
     if query.dedupe:
         fetch = max(fetch, query.k * DEDUP_FETCH_FACTOR)
+    if query.per_video is not None:
+        fetch = max(fetch, query.k * PER_VIDEO_FETCH_FACTOR)
     filters = query.filters
     allowed = None
     if filters is not None and filters.selects_rows:
@@ -176,15 +179,30 @@ def nearest_hits(collection: Collection, query: Query,
     if query.dedupe and len(results) > 1:
         stored = collection.stored_vectors([r.id for r in results])
         results = [r for r, keep in zip(results, unique_mask(stored), strict=True) if keep]
+    if query.per_video is not None:
+        results = _per_video(results, query.per_video)
     results = results[: query.k]
     values = collection.row_values([r.id for r in results], query.columns) \
         if query.columns else {}
-    hits = [SearchResult(rank, r.id, r.path, r.score, r.text, r.image_id, values.get(r.id))
+    hits = [replace(r, rank=rank, columns=values.get(r.id))
             for rank, r in enumerate(results, start=1)]
     note = None
     if not hits and filters is not None and filters.min_score is not None:
         note = f"no result scores {filters.min_score} or more"
     return hits, note
+
+
+def _per_video(results: list, n: int) -> list:
+    """Rank-ordered hits with at most `n` of each video (its best); images all kept."""
+    seen: dict[int, int] = {}
+    kept = []
+    for r in results:
+        if r.video_id is not None:
+            seen[r.video_id] = seen.get(r.video_id, 0) + 1
+            if seen[r.video_id] > n:
+                continue
+        kept.append(r)
+    return kept
 
 
 def _said(filters: Any) -> str:

@@ -20,11 +20,14 @@ def _placeholder(size: int, text: str) -> Image.Image:
     return tile
 
 
-def _thumbnail(path: Path, size: int) -> Image.Image:
-    try:
-        image = load_image(path, draft_size=(size, size))
-    except ImageLoadError:
-        return _placeholder(size, "unreadable")
+def _thumbnail(path: Path | Image.Image, size: int) -> Image.Image:
+    if isinstance(path, Image.Image):  # already decoded: a video's frame
+        image = path.convert("RGB")
+    else:
+        try:
+            image = load_image(path, draft_size=(size, size))
+        except ImageLoadError:
+            return _placeholder(size, "unreadable")
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     tile = Image.new("RGB", (size, size), (255, 255, 255))
     tile.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
@@ -32,14 +35,15 @@ def _thumbnail(path: Path, size: int) -> Image.Image:
 
 
 def render_grid(
-    items: Sequence[tuple[Path, str]],
+    items: Sequence[tuple[Path | Image.Image, str]],
     out: Path,
     *,
     thumb: int = 192,
     columns: int | None = None,
     title: str | None = None,
 ) -> Path:
-    """Write `items` (image path, label) as a PNG/JPEG grid at `out`; returns `out`."""
+    """Write `items` (image path or decoded picture, label) as a PNG/JPEG grid at `out`;
+    returns `out`."""
     if not items:
         raise ValueError("nothing to draw: no results")
     columns = columns or min(len(items), max(1, math.ceil(math.sqrt(len(items)))) + 1)

@@ -18,7 +18,8 @@ bytes, same EXIF). A store made before them (schema 1) gets them first, a part p
 without re-embedding anything (`_upgrade`).
 
 The plan is made on Arrow and numpy columns (listing.py); new and changed files are hashed by
-a Hasher (hasher.py: this process's threads, or the Ray engine's tasks).
+a Hasher (hasher.py: this process's threads, or the Ray engine's tasks). Videos, many rows a
+file (one per moment), are synced after the images by video_index.py, with the same rules.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ from .store import (
     row_schema,
 )
 from .texts import is_sidecar, sidecar_rows, sync_texts
+from .video import DEFAULT_EVERY
+from .video_index import image_rows, sync_videos
 from .walk import FileEntry, walk_images
 
 ProgressCallback = Callable[[int, int], None]  # (images embedded so far, images to embed)
@@ -82,6 +85,7 @@ class IndexReport:
     seconds: float = 0.0
     index: dict[str, Any] = field(default_factory=dict)  # the search index's plan
     texts: dict[str, Any] = field(default_factory=dict)  # sidecar captions: added, removed...
+    videos: dict[str, Any] = field(default_factory=dict)  # video_index.VideoReport's counts
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +99,7 @@ class IndexReport:
             "repaired": self.repaired,
             "failed": [f.to_dict() for f in self.failed],
             "texts": {k: v for k, v in self.texts.items() if k != "failed"},
+            "videos": self.videos,
             "seconds": round(self.seconds, 3),
             "index": {k: self.index.get(k) for k in ("kind", "factory", "params", "recall_at_10")},
         }
@@ -118,6 +123,8 @@ class Indexer:
         hasher: Hasher | None = None,
         facts_reader: FactsReader | None = None,
         walk: Callable[..., Iterable[FileEntry]] = walk_images,
+        video_every: float = DEFAULT_EVERY,
+        on_video_frames: Callable[[int], None] | None = None,
     ):
         self.store = store
         self.embedder = embedder
@@ -144,6 +151,10 @@ class Indexer:
         # How the local folder is listed: walk_images, or a wrapper over it (watch.py holds
         # back files still being written).
         self.walk = walk
+        # Videos (video_index.py): a sample at least every `video_every` seconds;
+        # on_video_frames(n) after each batch of n frames embedded.
+        self.video_every = video_every
+        self.on_video_frames = on_video_frames
         self.report = IndexReport()
 
     def _fail(self, path: str, error: str) -> None:
@@ -160,6 +171,7 @@ class Indexer:
         # The plan's columns live in _sync_rows' frame: let go before the index is built,
         # which at 100M rows needs the memory as much as the plan did.
         self._sync_rows(writer)
+        self._sync_videos(writer)
         writer.compact()
         self._sync_sidecars(writer)
         # Failing files are retried every run, so this run's failures are the whole list.
@@ -215,7 +227,8 @@ class Indexer:
         (benchmarks/README.md, "what the driver holds per row"); then commit metadata-only
         changes and embed the rest."""
         # The writer holds the lock: the rows can't change between this read and the hashes'.
-        old = self.store.read_table(["id", "path", "size", "mtime_ns"])
+        # a video's rows are video_index.py's: not files of this plan
+        old = image_rows(self.store.read_table(["id", "path", "size", "mtime_ns", "video_id"]))
         old_ids = old.column("id").to_numpy().astype(np.int64, copy=False)
         old_stat = [ints(column(old, name)) for name in ("size", "mtime_ns")]
         old_paths = column(old, "path")
@@ -240,7 +253,7 @@ class Indexer:
             same &= (values[rows] == new[has_row]) & valid[rows]
         same_stat[has_row] = same
         del old_paths, old_stat, same
-        old_hash = column(self.store.read_table(["hash"]), "hash")
+        old_hash = column(image_rows(self.store.read_table(["hash", "video_id"])), "hash")
         self.report.unchanged += int(same_stat.sum())
         cand = np.flatnonzero(~same_stat)  # listing positions, in listing order
 
@@ -348,6 +361,15 @@ class Indexer:
         # 2. Embeddings, in committed batches.
         to_embed = _ToEmbed(listing, hashes, cand[left], left, row_ids, reuse, pending, dups)
         self._embed_and_commit(writer, to_embed)
+
+    def _sync_videos(self, writer: StoreWriter) -> None:
+        """The videos' segments as rows (video_index.py): a commit per video changed."""
+        if self.source is not None:
+            return  # videos are read from the local folder: not from a remote source yet
+        videos = sync_videos(self.store, self.embedder, self.folder, writer,
+                             every=self.video_every, on_failure=self._fail,
+                             on_frames=self.on_video_frames)
+        self.report.videos = videos.to_dict()
 
     def _sync_sidecars(self, writer: StoreWriter) -> None:
         """Captions in photo.txt / photo.json beside the images become text rows."""

@@ -148,6 +148,7 @@ class Query:
     seed: int = 0  # the generated picture's noise
     filters: Any = None  # a vqret.retrieval.filters.Filters: which images may be results
     columns: tuple[str, ...] = ()  # row columns to return with each hit (taken, camera...)
+    per_video: int | None = None  # at most this many hits of one video (its best moments)
     options: dict[str, Any] = field(default_factory=dict, compare=False)  # surface extras
 
     def __post_init__(self) -> None:
@@ -188,6 +189,11 @@ class Query:
         object.__setattr__(self, "columns", columns)
         if columns and self.table == TEXTS:
             raise QueryError("columns are the images' row columns: not for the texts table")
+        if self.per_video is not None and (
+            isinstance(self.per_video, bool) or not isinstance(self.per_video, int)
+            or self.per_video < 1
+        ):
+            raise QueryError(f"per_video must be an integer, 1 or more, not {self.per_video!r}")
         if self.filters is not None:
             from .filters import Filters
 

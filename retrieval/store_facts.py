@@ -28,6 +28,7 @@ def store_facts(store: Store) -> dict[str, Any]:
         "generation": m["generation"],
         "parts": len(store.parts()),
         "texts": store.count("texts"),
+        "videos": _video_facts(store),
         "index": _index_facts(store),
         "text_encoder": _text_encoder_fact(store),
         "codes": _codes_facts(store),
@@ -67,6 +68,16 @@ def metadata_coverage(store: Store) -> dict[str, Any]:
         # adds them without re-embedding
         "missing": source.null_count,
     }
+
+def _video_facts(store: Store) -> dict[str, int]:
+    """Videos and their moments (rows) among the image table's rows (video_index.py)."""
+    import pyarrow.compute as pc
+
+    video_ids = store.read_table(["video_id"])["video_id"]
+    moments = len(video_ids) - video_ids.null_count
+    return {"videos": len(pc.unique(video_ids.drop_null())) if moments else 0,
+            "moments": moments}
+
 
 def _text_encoder_fact(store: Store) -> str:
     from .onnx_text import TextEncoderUnavailable, read_meta

@@ -93,6 +93,12 @@ def row_schema(dim: int) -> pa.Schema:
             # until `vqret tokenizer encode` has run with that tokenizer.
             pa.field("codes", pa.list_(pa.uint16())),
             pa.field("codes_tokenizer", pa.string()),
+            # A video's moment (video_index.py): each row of a video is one segment of
+            # near-identical frames; all its rows share video_id. Null for a still image.
+            pa.field("video_id", pa.int64()),
+            pa.field("t", pa.float64()),  # seconds: the frame the row's embedding shows
+            pa.field("segment_start", pa.float64()),
+            pa.field("segment_end", pa.float64()),
         ]
     )
 

@@ -33,6 +33,7 @@ def walk_images(
     exclude: Iterable[Path] = (),
     follow_symlinks: bool = True,
     on_error: OnError | None = None,
+    extensions: frozenset[str] = IMAGE_EXTENSIONS,
 ) -> Iterator[FileEntry]:
     """Yield the image files under `root`, depth-first, entries sorted by name in each folder.
 
@@ -41,7 +42,8 @@ def walk_images(
     valid UTF-8. Symlinks are followed unless `follow_symlinks` is False, in which case they
     are ignored entirely; each real folder is walked once, so symlink loops end. Unreadable
     folders, broken symlinks and the like are passed to `on_error(relpath, cause)` and
-    skipped. Errors on `root` itself raise.
+    skipped. Errors on `root` itself raise. `extensions`: the files listed, by their
+    lower-case extension (the videos' walk passes video.VIDEO_EXTENSIONS).
     """
 
     def report(relpath: str, cause: str) -> None:
@@ -95,7 +97,7 @@ def walk_images(
             except OSError as err:
                 report(relpath, _cause(err))
         elif is_file:
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            if os.path.splitext(name)[1].lower() not in extensions:
                 continue
             if not _is_utf8(name):
                 report(relpath, "file name is not valid UTF-8")

@@ -14,7 +14,7 @@ Routes:
                                     store -> {"query", "results": [...], "generated"}
     GET  /generated/{store}/{name}  a picture the fallback drew (STORE/diffusion/generated)
     GET  /thumb/{store}/{id}        JPEG thumbnail of an indexed image, by id
-    GET  /image/{store}/{id}        the original file, by id
+    GET  /image/{store}/{id}        the original file, by id (a video: with range requests)
     POST /knn-service, POST /metadata, GET /indices-list: clip-retrieval's API (clip_compat.py)
 
 Files are only ever found by id through the store's rows: no path from a request reaches the
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -66,6 +67,10 @@ PAGE_CSP = (
 BROWSER_IMAGE_TYPES = frozenset(
     ["image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp", "image/avif"]
 )
+# Videos are served as they are, with HTTP range requests (Starlette's FileResponse answers
+# Range): the page's <video> seeks to the moment without downloading the whole file.
+VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
+               ".webm": "video/webm", ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 
 def create_app(
@@ -242,6 +247,8 @@ class _Api:
             "generate": _given(fields, "generate", "auto"),
             "threshold": threshold,
             "seed": seed,
+            "per_video": (None if _given(fields, "per_video", None) is None else
+                          parse_int(fields["per_video"], "per_video", minimum=1)),
         }
 
     async def _form_fields(self, request: Request) -> dict[str, Any]:
@@ -276,6 +283,10 @@ class _Api:
         path = await run_in_threadpool(served.original_path, image_id)
         name = path.rsplit("/", 1)[-1] if isinstance(path, str) else path.name
         media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        video_type = VIDEO_TYPES.get(os.path.splitext(name)[1].lower())
+        if video_type is not None and not isinstance(path, str):
+            return FileResponse(path, media_type=video_type,
+                                headers={"Cache-Control": "no-cache"})
         if media_type in BROWSER_IMAGE_TYPES:
             headers = {"Cache-Control": "no-cache"}
             if isinstance(path, str):  # a URL: streamed from the object store through fsspec

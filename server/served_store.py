@@ -39,6 +39,7 @@ class Row:
     hash: str | None
     width: int | None
     height: int | None
+    t: float | None = None  # a video's row: the time of the frame it shows
 
 
 def store_name(collection: Collection) -> str:
@@ -229,7 +230,7 @@ class ServedStore:
 class _Catalog:
     """id -> row facts of one store generation, in Arrow columns (compact for big stores)."""
 
-    COLUMNS = ["id", "path", "hash", "width", "height"]
+    COLUMNS = ["id", "path", "hash", "width", "height", "t"]
 
     def __init__(self, generation: int, table: pa.Table):
         self.generation = generation

@@ -35,7 +35,7 @@ from vqret.retrieval.store import StoreError
 from .batcher import EmbedBatcher
 from .inputs import RequestError, decode_base64, parse_int
 from .served_store import ServedStore
-from .thumbnails import THUMB_SIZE, ThumbnailCache, make_thumbnail
+from .thumbnails import THUMB_SIZE, ThumbnailCache, make_thumbnail, make_video_thumbnail
 
 URLS_DISABLED = (
     "image_url queries are disabled: this server doesn't fetch URLs unless started with "
@@ -241,6 +241,16 @@ class SearchService:
         row = served.row(image_id)
         path = served.original_path(image_id)
         key = (served.name, image_id, row.hash, THUMB_SIZE)
+        if row.t is not None:  # a video's moment: the frame it shows
+            from vqret.retrieval.video import VideoError
+
+            try:
+                data = self.thumbnails.get_or_make(
+                    key, lambda: make_video_thumbnail(path, row.t))
+            except VideoError as e:
+                raise RequestError(404, f"video {image_id} no longer decodes: {e.cause}"
+                                   ) from None
+            return data, f'"t{image_id}-{row.hash or "x"}"'
         try:
             data = self.thumbnails.get_or_make(key, lambda: make_thumbnail(path))
         except ImageLoadError as e:

@@ -35,6 +35,18 @@ def make_thumbnail(
     return buffer.getvalue()
 
 
+def make_video_thumbnail(path: Path | str, t: float, size: int = THUMB_SIZE) -> bytes:
+    """JPEG bytes of a video's frame at `t` seconds, its longest side at most `size` px.
+
+    Raises VideoError when the video no longer decodes there."""
+    from vqret.retrieval.video import frame_at  # PyAV: only when a video is shown
+
+    image = frame_at(str(path), t, size)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY, optimize=True)
+    return buffer.getvalue()
+
+
 class ThumbnailCache:
     """Thread-safe LRU of thumbnail bytes, bounded by total size."""
 

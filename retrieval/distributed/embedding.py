@@ -244,6 +244,14 @@ class RayEmbedder:
             self.last_run["worker_seconds"] += float(np.sum(out["seconds"]))
             yield _to_image_batch(out, self.embed_dim)
 
+    def embed_videos(self, names: Sequence[str], every: float,
+                     on_frames: Any = None) -> Iterator[tuple[int, Any]]:
+        """Videos on the cluster, one per actor task (videos.py): (index into names,
+        EmbeddedVideo or VideoError), as they finish."""
+        from .videos import embed_videos_on_ray
+
+        yield from embed_videos_on_ray(self, names, every, on_frames)
+
     def hash_files(self, paths: Sequence[str]) -> Iterator[tuple[int, str | None, str | None]]:
         """The Indexer's `Hasher` on the cluster: new and changed files are read and hashed by
         Ray tasks where they run, so the driver reads no image (a first run of 100M photos

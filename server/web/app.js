@@ -141,7 +141,7 @@ function render(results, generated) {
     img.alt = r.path;
     card.querySelector('.score').textContent = r.score.toFixed(3);
     const path = card.querySelector('.path');
-    path.textContent = r.path.split('/').pop();
+    path.textContent = r.path.split('/').pop() + moment(r);
     path.title = r.path;
     const facts = [r.taken ? r.taken.slice(0, 10) : '', r.camera || ''].filter(Boolean);
     card.querySelector('.facts').textContent = facts.join(' · ');
@@ -154,12 +154,34 @@ function render(results, generated) {
   window.scrollTo(0, 0);
 }
 
+// A video's moment as players show it: " @ 01:23" (t in seconds); "" for an image.
+function moment(r) {
+  if (r.t === undefined || r.t === null) return '';
+  const s = Math.floor(r.t);
+  const mm = String(Math.floor((s % 3600) / 60)).padStart(2, '0');
+  const ss = String(s % 60).padStart(2, '0');
+  return s >= 3600 ? ` @ ${Math.floor(s / 3600)}:${mm}:${ss}` : ` @ ${mm}:${ss}`;
+}
+
 function show(r) {
   viewing = r;
-  $('full').src = r.original_url;
+  const isVideo = r.t !== undefined && r.t !== null;
+  const video = $('full-video');
+  $('full').hidden = isVideo;
+  video.hidden = !isVideo;
+  if (isVideo) {
+    // a media fragment: the browser seeks there (range requests), then plays
+    video.src = `${r.original_url}#t=${r.t}`;
+    video.play().catch(() => {}); // autoplay refused: the controls are there
+    $('full').removeAttribute('src');
+  } else {
+    video.pause();
+    video.removeAttribute('src');
+    $('full').src = r.original_url;
+  }
   $('full').alt = r.path;
-  $('caption').textContent = `${r.path} · ${r.score.toFixed(3)}`;
-  $('open').href = r.original_url;
+  $('caption').textContent = `${r.path}${moment(r)} · ${r.score.toFixed(3)}`;
+  $('open').href = isVideo ? `${r.original_url}#t=${r.t}` : r.original_url;
   viewer.showModal();
 }
 
@@ -254,6 +276,7 @@ document.addEventListener('paste', (event) => {
 });
 
 $('close').addEventListener('click', () => viewer.close());
+viewer.addEventListener('close', () => $('full-video').pause()); // no sound from a closed viewer
 $('viewer-like').addEventListener('click', () => viewing && likeThis(viewing));
 viewer.addEventListener('click', (event) => {
   if (event.target === viewer) viewer.close(); // a click on the backdrop
