@@ -79,13 +79,31 @@ def _rows_of(writer: StoreWriter, damaged: DamagedPart, recovered: pa.Table | No
 
 
 def _embed_images(rows: pa.Table, embedder: Any, name: Callable[[str], str]) -> pa.Table:
-    """The recovered rows whose file the embedder could read, with their new embeddings."""
+    """The recovered rows whose file the embedder could read, with their new embeddings.
+
+    A video's moment (a row with a video_id) is embedded again from its frame at `t`, the
+    sample nearest the segment's mean: close to the mean it held, and its id is kept."""
     paths = [name(p) for p in rows.column("path").to_pylist()]
+    video_ids = (rows.column("video_id").to_pylist() if "video_id" in rows.column_names
+                 else [None] * rows.num_rows)
+    image_at = [i for i, v in enumerate(video_ids) if v is None]
     at: list[int] = []
     vectors: list[np.ndarray] = []
-    for batch in embedder.iter_image_files(paths):
-        at.extend(int(i) for i in batch.indices)
+    for batch in embedder.iter_image_files([paths[i] for i in image_at]):
+        at.extend(image_at[int(i)] for i in batch.indices)
         vectors.extend(batch.embeddings)
+    moments = [i for i, v in enumerate(video_ids) if v is not None]
+    if moments:
+        from .video import VideoError, frame_at
+
+        times = rows.column("t").to_pylist()
+        for i in moments:
+            try:
+                frame = frame_at(paths[i], float(times[i] or 0.0))
+            except (VideoError, OSError):
+                continue  # the video is gone or broken: its moment is dropped
+            vectors.append(np.asarray(embedder.embed_images([frame]), np.float32)[0])
+            at.append(i)
     order = np.argsort(np.asarray(at, np.int64), kind="stable")  # back in the part's order
     kept = rows.take(pa.array(np.asarray(at, np.int64)[order]))
     if not len(at):

@@ -277,3 +277,28 @@ def test_size_only_verification_and_writers_refusing_a_damaged_part(store, monke
     assert damaged.part == first and damaged.rows == 2
     with Store(store.path).writer() as w, pytest.raises(StoreError, match="is damaged: run"):
         w.commit(remove_ids=[3])  # a writer must not copy a damaged part's rows onward
+
+
+def test_a_damaged_part_of_video_moments_is_repaired_from_the_frames(tmp_path, embedder):
+    """A video's moments in a damaged part are embedded again from their frames at `t`,
+    under their old ids; the video's other parts and its segments are left as they were."""
+    from fixtures.videos import make_shape_video
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    make_shape_video(folder / "clip.mp4")
+    col = Collection.create(folder, embedder=embedder)
+    col.index()
+    store_path = folder / ".vqret"
+    columns = ["id", "path", "video_id", "t", "segment_start", "segment_end"]
+    before = sorted(Store(store_path).read_table(columns).to_pylist(), key=lambda r: r["id"])
+    assert len(before) == 3 and all(r["video_id"] is not None for r in before)
+    (part,) = Store(store_path).parts()
+    flip_byte(store_path / IMAGES / part, (store_path / IMAGES / part).stat().st_size // 2)
+
+    report = Collection.open(folder, embedder=embedder).index()
+    assert report.repaired == 3 and report.added == 0
+    after = sorted(Store(store_path).read_table(columns).to_pylist(), key=lambda r: r["id"])
+    assert after == before
+    found = Collection.open(folder, embedder=embedder).search("a red circle", k=1)
+    assert found[0].path == "clip.mp4" and found[0].segment[0] <= found[0].t <= found[0].segment[1]
