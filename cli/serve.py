@@ -87,6 +87,26 @@ def serve(
             "parallel; more threads per query only pay off on big flat indexes.",
         ),
     ] = 1,
+    max_k: Annotated[
+        int,
+        typer.Option(
+            "--max-k", min=1, help="Most results per query: a larger k is refused (400); "
+            "clip-retrieval's num_images / num_result_ids are clamped to it.",
+        ),
+    ] = 1000,
+    decode_budget_mp: Annotated[
+        float | None,
+        typer.Option(
+            "--decode-budget-mp", min=1.0, help="Megapixels of query images decoded at once, "
+            "for the whole server (default: sized from RAM, 50..250); an image that can't get "
+            "its share within --decode-wait-s is answered 503 with Retry-After.",
+        ),
+    ] = None,
+    decode_wait_s: Annotated[
+        float,
+        typer.Option("--decode-wait-s", min=0.0, help="How long a query image may wait for the "
+                     "decode budget."),
+    ] = 10.0,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
 ) -> None:
     """Serve stores over HTTP: a search page, a JSON API, and clip-retrieval's API."""
@@ -112,6 +132,9 @@ def serve(
             max_body_bytes=int(max_upload_mb * (1 << 20)),
             allowed_hosts=loopback_hosts(host),
             cors_origins=cors_origin or (),
+            max_k=max_k,
+            decode_budget_mp=decode_budget_mp,
+            decode_wait_s=decode_wait_s,
         )
     except _known_errors() as e:
         sock.close()
