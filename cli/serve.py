@@ -216,7 +216,7 @@ def bench_serve(
     ] = 200,
     concurrency: Annotated[
         list[int] | None,
-        typer.Option(help="Concurrent clients; repeatable (default: 1, 8)."),
+        typer.Option(help="Concurrent clients; repeatable (default: 1, 8, 50)."),
     ] = None,
     device: Annotated[
         str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")
@@ -224,13 +224,14 @@ def bench_serve(
     search_threads: Annotated[int, typer.Option("--search-threads", min=1)] = 1,
     kinds: Annotated[
         list[str] | None,
-        typer.Option("--kind", help="Query kinds to time; repeatable: text, knn, terms3, like "
-                     "(default: all)."),
+        typer.Option("--kind", help="Query kinds to time; repeatable: text, knn, terms3, like, "
+                     "upload (a 1600x1200 JPEG), large (a 49 MP 1-bit PNG) (default: all)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Query latency p50/p99 over HTTP (loopback) next to in-process Collection.search; a
-    3-term query against three 1-term ones."""
+    """Query latency p50/p99, QPS and the server's peak RSS over HTTP (loopback) for each
+    request mix and client count, next to in-process Collection.search; a 3-term query against
+    three 1-term ones; text p99 while large uploads load the server, against idle."""
     try:
         from vqret.benchmarks.serve_latency import format_table, run_serve_latency_benchmark
 
@@ -240,7 +241,7 @@ def bench_serve(
             pretrained=pretrained,
             limit=limit,
             requests=requests,
-            concurrency=tuple(concurrency or (1, 8)),
+            concurrency=tuple(concurrency or (1, 8, 50)),
             device=device,
             search_threads=search_threads,
             **({"kinds": tuple(kinds)} if kinds else {}),
