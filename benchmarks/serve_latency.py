@@ -7,7 +7,14 @@ The same store is searched three ways in one run, so the numbers compare on one 
 - over HTTP, `POST /api/search` with a text (model + index + HTTP), the same text through
   clip-retrieval's `POST /knn-service`, a query of three text terms (`q: "a + b - c"`: one
   forward pass for the three), and `like` (an id: the stored vector, no model, so index +
-  HTTP only), from 1 and from 8 concurrent clients (`--concurrency 1,50` for 50).
+  HTTP only), an image upload (a 1600 x 1200 JPEG: decode + model + index + HTTP) and a
+  large one (a 49 MP 1-bit PNG of a few KB: the decode budget at work; 503s are counted, not
+  failures), from 1, 8 and 50 concurrent clients (`--concurrency`, repeatable).
+
+Each row reports queries per second, p50, p99 and the server's peak RSS over its RSS before
+the row (VmHWM reset per row through /proc/PID/clear_refs; Linux). Last, one client's text
+searches are timed on the idle server and again while the most clients of the run upload
+large images back to back: `text_p99_under_uploads_vs_idle` is the ratio of the two p99s.
 
 `three_terms_vs_three_queries` is the 3-term query's p50 over three times the one-text p50,
 both from one client: under 1 when the terms share a forward pass, as they should.
@@ -37,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from . import serve_load
+
 Log = Callable[[str], Any]
 
 QUERIES = [
@@ -52,7 +61,10 @@ KINDS = {
     "knn": "text, /knn-service (model + index + HTTP)",
     "terms3": "3 text terms, /api/search (one forward pass + index + HTTP)",
     "like": "like, /api/search (index + HTTP)",
+    "upload": "image upload 1600x1200 JPEG, /api/search (decode + model + index + HTTP)",
+    "large": "image upload 7000x7000 1-bit PNG, /api/search (decode budget + model + ...)",
 }
+MAY_BE_BUSY = {"large"}  # kinds whose 503 (decode budget full, Retry-After) is an answer
 SERVER_START_S = 180
 
 
@@ -63,7 +75,7 @@ def run_serve_latency_benchmark(
     pretrained: str = "none",
     limit: int = 300,
     requests: int = 200,
-    concurrency: Sequence[int] = (1, 8),
+    concurrency: Sequence[int] = (1, 8, 50),
     device: str = "cpu",
     search_threads: int = 1,
     kinds: Sequence[str] = tuple(KINDS),
@@ -127,27 +139,39 @@ def run_serve_latency_benchmark(
             "in_process_vector_ms_p50": round(in_process["vector"][0], 3),
             "in_process_vector_ms_p99": round(in_process["vector"][1], 3),
         }
-        with _server(store_path, device, search_threads) as url:
+        bodies = {"upload": serve_load.photo_jpeg(), "large": serve_load.bilevel_png()}
+        with _server(store_path, device, search_threads) as (url, pid):
             import httpx
 
             say(f"server at {url}")
+            result["server_rss_mib_idle"] = _mib(serve_load.rss(pid))
             for kind in kinds:
                 for clients in concurrency:
                     before = httpx.get(url + "healthz").json()
-                    lat, wall = _load(url, kind, clients, requests, ids)
+                    rss_before = serve_load.rss(pid)
+                    serve_load.reset_peak(pid)
+                    lat, wall, busy = _load(url, kind, clients, requests, ids, bodies)
+                    peak = serve_load.peak_rss(pid)
                     after = httpx.get(url + "healthz").json()
                     p50, p99 = np.percentile(lat, [50, 99])
                     key = f"http_{kind}_c{clients}"
                     result[f"{key}_ms_p50"] = round(float(p50), 2)
                     result[f"{key}_ms_p99"] = round(float(p99), 2)
                     result[f"{key}_req_per_s"] = round(len(lat) / wall, 1)
+                    if peak is not None and rss_before is not None:
+                        result[f"{key}_peak_rss_mib"] = _mib(peak)
+                        result[f"{key}_peak_over_before_mib"] = _mib(peak - rss_before)
+                    if kind in MAY_BE_BUSY:
+                        result[f"{key}_busy_503"] = busy
                     calls = after["model_calls"] - before["model_calls"]
                     embedded = after["queries_embedded"] - before["queries_embedded"]
                     if kind in ("text", "knn", "terms3") and calls:
                         result[f"{key}_mean_batch"] = round(embedded / calls, 2)
                     say(
                         f"HTTP {kind}, {clients} client(s): p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-                        f"{len(lat) / wall:.1f} req/s"
+                        f"{len(lat) / wall:.1f} req/s, peak RSS "
+                        f"{result.get(f'{key}_peak_rss_mib', '?')} MiB"
+                        + (f", {busy} x 503" if kind in MAY_BE_BUSY else "")
                     )
             one = min(concurrency)
             if {"text", "terms3"} <= set(kinds):
@@ -155,6 +179,29 @@ def run_serve_latency_benchmark(
                     result[f"http_terms3_c{one}_ms_p50"]
                     / (3 * result[f"http_text_c{one}_ms_p50"]), 3
                 )
+            if {"text", "large"} <= set(kinds):
+                uploaders = max(concurrency)
+                idle = serve_load.text_under_uploads(url, QUERIES, requests, 0, b"", K)
+                serve_load.reset_peak(pid)
+                rss_before = serve_load.rss(pid)
+                loaded = serve_load.text_under_uploads(url, QUERIES, requests, uploaders,
+                                                       bodies["large"], K)
+                peak = serve_load.peak_rss(pid)
+                result.update({
+                    "text_idle_ms_p50": round(idle["p50"], 2),
+                    "text_idle_ms_p99": round(idle["p99"], 2),
+                    "text_under_uploads_clients": uploaders,
+                    "text_under_uploads_ms_p50": round(loaded["p50"], 2),
+                    "text_under_uploads_ms_p99": round(loaded["p99"], 2),
+                    "text_p99_under_uploads_vs_idle": round(loaded["p99"] / idle["p99"], 2),
+                    "under_uploads_statuses": {str(k): v for k, v in
+                                               sorted(loaded["upload_statuses"].items())},
+                })
+                if peak is not None and rss_before is not None:
+                    result["under_uploads_peak_over_before_mib"] = _mib(peak - rss_before)
+                say(f"text p99 {idle['p99']:.1f} ms idle, {loaded['p99']:.1f} ms while "
+                    f"{uploaders} clients upload 49 MP PNGs "
+                    f"({result['text_p99_under_uploads_vs_idle']}x)")
     result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     return result
 
@@ -179,8 +226,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['requests_per_config']} requests per row; load average "
         f"{result['load_avg_1min_before']} before, {result['load_avg_1min_after']} after",
         "",
-        "| query | p50 ms | p99 ms | req/s |",
-        "|---|---|---|---|",
+        "| query | p50 ms | p99 ms | req/s | peak RSS MiB (over the row's start) | 503s |",
+        "|---|---|---|---|---|---|",
     ]
     for label, key, rate in rows:
         per_s = result.get(rate, "") if rate else ""
@@ -188,10 +235,21 @@ def format_table(result: dict[str, Any]) -> str:
         if batch:
             label += f" (mean batch {batch})"
         p50, p99 = result[f"{key}_ms_p50"], result[f"{key}_ms_p99"]
-        lines.append(f"| {label} | {p50} | {p99} | {per_s} |")
+        peak = result.get(f"{key}_peak_rss_mib")
+        memory = f"{peak} (+{result[f'{key}_peak_over_before_mib']})" if peak else ""
+        busy = result.get(f"{key}_busy_503", "")
+        lines.append(f"| {label} | {p50} | {p99} | {per_s} | {memory} | {busy} |")
     if "three_terms_vs_three_queries" in result:
         lines += ["", "A query of 3 terms costs "
                   f"{result['three_terms_vs_three_queries']}x three one-term queries (1 client)."]
+    if "text_p99_under_uploads_vs_idle" in result:
+        lines += ["", f"Text search from 1 client: p50 / p99 {result['text_idle_ms_p50']} / "
+                  f"{result['text_idle_ms_p99']} ms on the idle server, "
+                  f"{result['text_under_uploads_ms_p50']} / {result['text_under_uploads_ms_p99']}"
+                  f" ms while {result['text_under_uploads_clients']} clients upload 49 MP PNGs "
+                  f"(p99 {result['text_p99_under_uploads_vs_idle']}x idle; uploads answered "
+                  f"{result['under_uploads_statuses']}; peak RSS +"
+                  f"{result.get('under_uploads_peak_over_before_mib', '?')} MiB)."]
     return "\n".join(lines)
 
 
@@ -252,15 +310,21 @@ def _in_process(collection, requests: int) -> dict[str, tuple[float, float]]:
     }
 
 
+def _mib(n: int | None) -> int | None:
+    return None if n is None else round(n / (1 << 20))
+
+
 def _load(
-    url: str, kind: str, clients: int, requests: int, ids: Sequence[int]
-) -> tuple[list[float], float]:
-    """`requests` requests from `clients` threads: (latencies in ms, wall seconds)."""
+    url: str, kind: str, clients: int, requests: int, ids: Sequence[int],
+    bodies: dict[str, bytes],
+) -> tuple[list[float], float, int]:
+    """`requests` requests from `clients` threads: (latencies in ms, wall seconds, 503s)."""
     import httpx
 
     shares = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors: list[str] = []
+    busy: list[int] = []
     ready = threading.Barrier(clients + 1)
 
     def body(i: int) -> dict[str, Any]:
@@ -277,16 +341,24 @@ def _load(
 
     route = "knn-service" if kind == "knn" else "api/search"
 
+    def post(http, i: int):
+        if kind in bodies:  # a multipart upload, as a browser's form sends it
+            return http.post(route, files={"image": (f"q{i}.img", bodies[kind])},
+                             data={"k": str(K)})
+        return http.post(route, json=body(i))
+
     def client(n: int) -> None:
-        with httpx.Client(base_url=url, timeout=120) as http:
-            for i in range(WARMUP_PER_CLIENT):
-                http.post(route, json=body(i + n))
+        with httpx.Client(base_url=url, timeout=300) as http:
+            for i in range(1 if kind in bodies else WARMUP_PER_CLIENT):
+                post(http, i + n)
             ready.wait()
             for i in range(shares[n]):
                 started = time.perf_counter()
-                r = http.post(route, json=body(n * 7 + i))
+                r = post(http, n * 7 + i)
                 latencies[n].append((time.perf_counter() - started) * 1000)
-                if r.status_code != 200:
+                if r.status_code == 503 and kind in MAY_BE_BUSY:
+                    busy.append(1)
+                elif r.status_code != 200:
                     errors.append(r.text)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
@@ -299,12 +371,12 @@ def _load(
     wall = time.perf_counter() - started
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    return [x for per in latencies for x in per], wall
+    return [x for per in latencies for x in per], wall, len(busy)
 
 
 @contextmanager
-def _server(store: Path, device: str, search_threads: int) -> Iterator[str]:
-    """`vqret serve` on a free loopback port in a child process; yields its URL."""
+def _server(store: Path, device: str, search_threads: int) -> Iterator[tuple[str, int]]:
+    """`vqret serve` on a free loopback port in a child process; yields (its URL, its pid)."""
     cmd = [sys.executable, "-m", "vqret.cli.main", "serve", "--store", str(store), "--port", "0",
            "--device", device, "--search-threads", str(search_threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -322,7 +394,7 @@ def _server(store: Path, device: str, search_threads: int) -> Iterator[str]:
                 url = m.group(1)
             elif proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"vqret serve didn't start: {proc.stderr.read()[-2000:]}")
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:

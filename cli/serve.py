@@ -87,6 +87,26 @@ def serve(
             "parallel; more threads per query only pay off on big flat indexes.",
         ),
     ] = 1,
+    max_k: Annotated[
+        int,
+        typer.Option(
+            "--max-k", min=1, help="Most results per query: a larger k is refused (400); "
+            "clip-retrieval's num_images / num_result_ids are clamped to it.",
+        ),
+    ] = 1000,
+    decode_budget_mp: Annotated[
+        float | None,
+        typer.Option(
+            "--decode-budget-mp", min=1.0, help="Megapixels of query images decoded at once, "
+            "for the whole server (default: sized from RAM, 50..250); an image that can't get "
+            "its share within --decode-wait-s is answered 503 with Retry-After.",
+        ),
+    ] = None,
+    decode_wait_s: Annotated[
+        float,
+        typer.Option("--decode-wait-s", min=0.0, help="How long a query image may wait for the "
+                     "decode budget."),
+    ] = 10.0,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
     watch: Annotated[
         bool, typer.Option("--watch", help="Also keep each store in step with its folder "
@@ -119,6 +139,9 @@ def serve(
             max_body_bytes=int(max_upload_mb * (1 << 20)),
             allowed_hosts=loopback_hosts(host),
             cors_origins=cors_origin or (),
+            max_k=max_k,
+            decode_budget_mp=decode_budget_mp,
+            decode_wait_s=decode_wait_s,
         )
     except _known_errors() as e:
         sock.close()
@@ -213,7 +236,7 @@ def bench_serve(
     ] = 200,
     concurrency: Annotated[
         list[int] | None,
-        typer.Option(help="Concurrent clients; repeatable (default: 1, 8)."),
+        typer.Option(help="Concurrent clients; repeatable (default: 1, 8, 50)."),
     ] = None,
     device: Annotated[
         str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")
@@ -221,13 +244,14 @@ def bench_serve(
     search_threads: Annotated[int, typer.Option("--search-threads", min=1)] = 1,
     kinds: Annotated[
         list[str] | None,
-        typer.Option("--kind", help="Query kinds to time; repeatable: text, knn, terms3, like "
-                     "(default: all)."),
+        typer.Option("--kind", help="Query kinds to time; repeatable: text, knn, terms3, like, "
+                     "upload (a 1600x1200 JPEG), large (a 49 MP 1-bit PNG) (default: all)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Query latency p50/p99 over HTTP (loopback) next to in-process Collection.search; a
-    3-term query against three 1-term ones."""
+    """Query latency p50/p99, QPS and the server's peak RSS over HTTP (loopback) for each
+    request mix and client count, next to in-process Collection.search; a 3-term query against
+    three 1-term ones; text p99 while large uploads load the server, against idle."""
     try:
         from vqret.benchmarks.serve_latency import format_table, run_serve_latency_benchmark
 
@@ -237,7 +261,7 @@ def bench_serve(
             pretrained=pretrained,
             limit=limit,
             requests=requests,
-            concurrency=tuple(concurrency or (1, 8)),
+            concurrency=tuple(concurrency or (1, 8, 50)),
             device=device,
             search_threads=search_threads,
             **({"kinds": tuple(kinds)} if kinds else {}),

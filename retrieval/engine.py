@@ -13,6 +13,8 @@ Query and from SearchResults. What differs between them is injected, never re-im
 - `fallback`: generate-on-miss (vqret.diffusion.fallback.generate_on_miss). Retrieval doesn't
   import diffusion, so a surface passes it in; without one, `generate` is only "never".
 - `lock`: held around index reads (a server's per-store lock).
+- `decode_gate`: entered with the pixels of each query image about to be decoded (a server's
+  process-wide budget of pixels in flight; images.load_image).
 
 Steps: terms -> unit vectors -> weighted sum, renormalised (query.combine) -> k nearest (more
 when dedupe or "more like this" filter some out) -> drop the liked images themselves -> dedupe
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .collection import Collection, SearchResult
+    from .images import DecodeGate
 
 # clip-retrieval's deduplicate: a result this close (cosine) to a better one is a duplicate.
 DEDUP_THRESHOLD = 0.94
@@ -43,6 +46,10 @@ DEDUP_FETCH_FACTOR = 5  # duplicates are dropped after the knn: look this much f
 # of many segments can fill a short list on its own)
 PER_VIDEO_FETCH_FACTOR = 10
 MAX_QUERY_PIXELS = 50_000_000  # query images: well above any camera, far below a bomb
+# Query images are decoded at reduced size (JPEG draft, then Image.reduce) but kept at least
+# this many times the model's input on both sides, so the preprocess still resizes down with
+# its own filter from a sharp image: a 49 MP PNG costs little more than a phone photo.
+QUERY_DECODE_FACTOR = 2
 
 
 class QueryEmbedder(Protocol):
@@ -90,6 +97,7 @@ def run_query(
     fallback: Fallback | None = None,
     lock: contextlib.AbstractContextManager | None = None,
     max_image_pixels: int = MAX_QUERY_PIXELS,
+    decode_gate: DecodeGate | None = None,
 ) -> SearchResults:
     """Run `query` on `collection` (module docstring). Bad input raises QueryError; a store
     with nothing to search raises StoreError."""
@@ -98,7 +106,8 @@ def run_query(
                          "doesn't have; use generate auto or never")
     lock = lock or contextlib.nullcontext()
     vector = query_vector(collection, query, embedder=embedder, fetch_url=fetch_url,
-                          lock=lock, max_image_pixels=max_image_pixels)
+                          lock=lock, max_image_pixels=max_image_pixels,
+                          decode_gate=decode_gate)
     with lock:
         hits, note = nearest_hits(collection, query, vector)
     outcome = FallbackOutcome(None, note) if note else None
@@ -120,6 +129,7 @@ def query_vector(
     fetch_url: Callable[[str], bytes] | None = None,
     lock: contextlib.AbstractContextManager | None = None,
     max_image_pixels: int = MAX_QUERY_PIXELS,
+    decode_gate: DecodeGate | None = None,
 ) -> np.ndarray:
     """The (D,) unit vector of a query's weighted terms; texts and images each in one batch."""
     embedder = embedder or collection.query_embedder()
@@ -130,12 +140,14 @@ def query_vector(
         if term.kind == TEXT:
             texts.append((i, term.value))
         elif term.kind == IMAGE:
-            images.append((i, _load(term.value, term.name, embedder, max_image_pixels)))
+            images.append((i, _load(term.value, term.name, embedder, max_image_pixels,
+                                    decode_gate)))
         elif term.kind == IMAGE_URL:
             if fetch_url is None:
                 raise QueryError(f"{term.value}: image URLs are not fetched here", status=403)
             data = fetch_url(term.value)
-            images.append((i, _load(data, term.value, embedder, max_image_pixels)))
+            images.append((i, _load(data, term.value, embedder, max_image_pixels,
+                                    decode_gate)))
         elif term.kind == EMBEDDING:
             vectors[i] = _embedding(term.value, dim)
     likes = [(i, t.value) for i, t in enumerate(query.terms) if t.kind == LIKE]
@@ -220,7 +232,8 @@ def unique_mask(vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> np.n
 # --------------------------------------------------------------------------------------------
 
 
-def _load(source: Any, name: str, embedder: QueryEmbedder, max_pixels: int):
+def _load(source: Any, name: str, embedder: QueryEmbedder, max_pixels: int,
+          gate: DecodeGate | None = None):
     from PIL import Image
 
     from .images import ImageLoadError, load_image
@@ -232,8 +245,10 @@ def _load(source: Any, name: str, embedder: QueryEmbedder, max_pixels: int):
     if isinstance(source, str | os.PathLike) and not os.path.isfile(source):
         raise QueryError(f"{name}: no such image file")
     size = embedder.image_size
+    reduced = (QUERY_DECODE_FACTOR * size, QUERY_DECODE_FACTOR * size)
     try:
-        return load_image(source, max_pixels=max_pixels, draft_size=(size, size))
+        return load_image(source, max_pixels=max_pixels, draft_size=(size, size),
+                          reduce_size=reduced, gate=gate)
     except ImageLoadError as e:
         raise QueryError(f"{name}: not an image vqret can read: {e.cause}") from None
 

@@ -6,13 +6,15 @@ numpy / pillow-heif are only imported when a file actually needs them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import io
 import os
 import re
 import warnings
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
@@ -23,6 +25,7 @@ from .urls import is_url
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
+    "DecodeGate",
     "ImageLoadError",
     "image_size",
     "load_image",
@@ -51,6 +54,12 @@ _ORIENTATION = ExifTags.Base.Orientation
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _MAX_DETAIL = 120
+# Modes Image.reduce takes as they are; "1" and palettes are converted first (to L / RGB(A)),
+# 16-bit ones are left whole: their 8-bit scaling must see the full range.
+_REDUCIBLE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F")
+
+# gate(pixels) -> a context manager held while that many pixels are decoded (see load_image)
+DecodeGate = Callable[[int], contextlib.AbstractContextManager[Any]]
 
 
 class ImageLoadError(Exception):
@@ -73,34 +82,53 @@ def load_image(
     *,
     max_pixels: int | None = MAX_PIXELS,
     draft_size: tuple[int, int] | None = None,
+    reduce_size: tuple[int, int] | None = None,
+    gate: DecodeGate | None = None,
 ) -> Image.Image:
     """Decode `source` fully into an RGB image.
 
     The first frame of animations is used, EXIF orientation is applied, transparency is
     composited over white and 16-bit data is scaled down to 8 bits. `draft_size` lets JPEGs
     decode at 1/2, 1/4 or 1/8 scale while staying at least that large on both sides (in the
-    displayed orientation). A stream must be seekable and positioned at the image's start.
-    Any failure raises ImageLoadError.
+    displayed orientation). `reduce_size` shrinks any other image by a whole factor
+    (`Image.reduce`, a box filter) right after decoding, while staying at least that large on
+    both sides, so that the conversions after it (to RGB, compositing) work on few pixels.
+    `gate(pixels)`, when given, is entered with the number of pixels about to be decoded
+    (after the draft) and held until the image is reduced and converted: a server's budget of
+    memory in flight; whatever it raises propagates as it is. A stream must be seekable and
+    positioned at the image's start. Any failure to decode raises ImageLoadError.
     """
     name = _source_name(source)
     fp = _open_source(source, name)
     try:
         img = _open_image(fp, name, max_pixels)
-        try:
+        with _decode_errors(name, img):
             img.seek(0)  # animations: the first frame is the representative one
             if draft_size is not None and img.format in ("JPEG", "MPO"):
                 _apply_draft(img, draft_size)
-            img.load()  # decode now, so truncated or corrupt data fails here
-            return _to_rgb(_exif_transpose(img), name)
-        except ImageLoadError:
-            raise
-        except MemoryError as err:
-            raise ImageLoadError(name, "out of memory while decoding") from err
-        except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, ...
-            raise _decode_error(name, img.format, err) from err
+        width, height = img.size
+        with gate(width * height) if gate is not None else contextlib.nullcontext():
+            with _decode_errors(name, img):
+                img.load()  # decode now, so truncated or corrupt data fails here
+                if reduce_size is not None:
+                    img = _reduce(img, reduce_size)
+                return _to_rgb(_exif_transpose(img), name)
     finally:
         if fp is not source:
             fp.close()
+
+
+@contextlib.contextmanager
+def _decode_errors(name: str, img: Image.Image) -> Iterator[None]:
+    """Whatever a decoder raises, as one ImageLoadError."""
+    try:
+        yield
+    except ImageLoadError:
+        raise
+    except MemoryError as err:
+        raise ImageLoadError(name, "out of memory while decoding") from err
+    except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, ...
+        raise _decode_error(name, img.format, err) from err
 
 
 def image_size(source: str | os.PathLike[str] | bytes | BinaryIO) -> tuple[int, int]:
@@ -216,6 +244,28 @@ def _apply_draft(img: Image.Image, draft_size: tuple[int, int]) -> None:
     # PIL picks the largest scale that keeps both sides >= the request; guard the degenerate case.
     if want_w > 0 and want_h > 0 and width >= 2 * want_w and height >= 2 * want_h:
         img.draft("RGB", (want_w, want_h))
+
+
+def _reduce(img: Image.Image, reduce_size: tuple[int, int]) -> Image.Image:
+    """`img` shrunk by the largest whole factor that keeps both sides >= reduce_size."""
+    want_w, want_h = reduce_size
+    if _orientation(img) in _TRANSPOSED_ORIENTATIONS:
+        want_w, want_h = want_h, want_w  # reduce_size is meant for the displayed orientation
+    width, height = img.size
+    factor = min(width // max(want_w, 1), height // max(want_h, 1))
+    if factor < 2:
+        return img
+    if img.mode == "1":
+        img = img.convert("L")  # a 1-bit drawing averaged into grey keeps its thin lines
+    elif img.mode in ("P", "PA"):
+        alpha = img.mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if alpha else "RGB")
+    if img.mode not in _REDUCIBLE:
+        return img
+    info = img.info
+    reduced = img.reduce(factor)
+    reduced.info = info  # keep the EXIF orientation (and the rest) for what follows
+    return reduced
 
 
 def _exif_transpose(img: Image.Image) -> Image.Image:

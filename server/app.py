@@ -34,6 +34,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -49,6 +50,7 @@ from vqret.retrieval.one_line import first_line
 from vqret.retrieval.query import IMAGES, TEXTS, QueryError
 
 from . import clip_compat
+from .decode_budget import DEFAULT_WAIT_S, PixelBudget, default_budget_mp
 from .guard import Guard, http_error, internal_error, io_error, query_error
 from .inputs import RequestError, parse_int
 from .served_store import ServedStore, StoresArg, open_collections
@@ -72,6 +74,10 @@ BROWSER_IMAGE_TYPES = frozenset(
 VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
                ".webm": "video/webm", ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+# Requests carrying an image run in their own few threads: one waiting for the decode budget
+# must not hold one of the threads text searches need (Starlette's pool has 40).
+IMAGE_THREADS = 8
+IMAGE_FIELDS = ("_upload", "image", "image_url")
 
 def create_app(
     stores: StoresArg = None,
@@ -84,6 +90,8 @@ def create_app(
     cors_origins: Sequence[str] = (),
     url_max_bytes: int = 10 << 20,
     url_timeout_s: float = 5.0,
+    decode_budget_mp: float | None = None,
+    decode_wait_s: float = DEFAULT_WAIT_S,
     warm: bool = True,
 ) -> Starlette:
     """The ASGI app serving `stores`: paths or Collections, in a list (named by their indexed
@@ -92,13 +100,19 @@ def create_app(
     Loads each distinct model once, now. `allowed_hosts` (e.g. loopback names) refuses other
     Host headers, which stops DNS-rebinding pages from reading a server bound to loopback;
     `cors_origins` lets pages from those origins (e.g. a hosted clip-front) call the API.
+    `max_k` caps k (a larger one is a 400) and clip-retrieval's num_images / num_result_ids
+    (clamped). Query images decode under one budget of `decode_budget_mp` megapixels in flight
+    (default: sized from RAM); a request that can't get its share in `decode_wait_s` is a 503.
     """
+    budget_mp = decode_budget_mp if decode_budget_mp is not None else default_budget_mp()
+    budget = PixelBudget(int(budget_mp * 1e6), decode_wait_s)
     service = SearchService(
         open_collections(stores, device),
         max_k=max_k,
         allow_url_queries=allow_url_queries,
         url_max_bytes=url_max_bytes,
         url_timeout_s=url_timeout_s,
+        decode_budget=budget,
         warm=warm,
     )
     api = _Api(service, max_body_bytes)
@@ -156,6 +170,18 @@ class _Api:
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.web = {name: _web_file(name) for name in WEB_FILES}
+        self.image_threads = anyio.CapacityLimiter(IMAGE_THREADS)
+
+    async def _in_thread(self, work, fields: Mapping[str, Any]) -> Any:
+        """`work()` in a thread: one of the image threads when the request carries an image."""
+        if _carries_image(fields):
+            return await anyio.to_thread.run_sync(work, limiter=self.image_threads)
+        return await run_in_threadpool(work)
+
+    def _deadline(self) -> float:
+        """Until when this request's images may wait for the decode budget, counted from now,
+        so that time queued for an image thread counts too."""
+        return time.monotonic() + self.service.decode_budget.wait_s
 
     # ---- the page -------------------------------------------------------------------------
     async def page(self, request: Request) -> Response:
@@ -183,6 +209,8 @@ class _Api:
                 "stores": stores,
                 "model_calls": sum(b.batches for b in batchers),
                 "queries_embedded": sum(b.items for b in batchers),
+                "max_k": self.service.max_k,
+                "decode": self.service.decode_budget.stats(),
             }
         )
 
@@ -192,6 +220,7 @@ class _Api:
     # ---- search ---------------------------------------------------------------------------
     async def search(self, request: Request) -> Response:
         started = time.perf_counter()
+        deadline = self._deadline()
         if request.method == "GET":
             fields: dict[str, Any] = dict(request.query_params)
         elif _is_multipart(request):
@@ -204,9 +233,9 @@ class _Api:
         def work():
             query = self.service.build_query(served, fields, upload=fields.get("_upload"),
                                              **settings)
-            return self.service.run(served, query)
+            return self.service.run(served, query, deadline)
 
-        results = await run_in_threadpool(work)
+        results = await self._in_thread(work, fields)
         root = request.scope.get("root_path", "")
         prefix = f"{root}/{{}}/{quote(served.name, safe='')}/"
         return JSONResponse(
@@ -306,9 +335,16 @@ class _Api:
     # ---- clip-retrieval -------------------------------------------------------------------
     async def knn_service(self, request: Request) -> Response:
         # clip-front posts JSON without a JSON content type: parse the body whatever it says.
+        deadline = self._deadline()
         body = await _json_body(request)
         url_for = _url_for(request)
-        rows = await run_in_threadpool(clip_compat.knn_service, self.service, body, url_for)
+        own_image = clip_compat.own_image_parser(str(request.base_url))
+
+        def work():
+            return clip_compat.knn_service(self.service, body, url_for, own_image=own_image,
+                                           deadline=deadline)
+
+        rows = await self._in_thread(work, body if isinstance(body, dict) else {})
         return JSONResponse(rows)
 
     async def metadata(self, request: Request) -> Response:
@@ -434,6 +470,19 @@ def _is_multipart(request: Request) -> bool:
     """A form (multipart, or a plain HTML form's urlencoded body) rather than JSON."""
     kind = request.headers.get("content-type", "")
     return kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
+
+
+def _carries_image(fields: Mapping[str, Any]) -> bool:
+    """Whether a request may decode an image (upload, base64, URL, or in its terms)."""
+    if any(fields.get(k) not in (None, "") for k in IMAGE_FIELDS):
+        return True
+    terms = fields.get("terms")
+    if isinstance(terms, str):
+        return "image" in terms
+    return isinstance(terms, list) and any(
+        isinstance(t, dict) and any(t.get(k) not in (None, "") for k in IMAGE_FIELDS)
+        for t in terms
+    )
 
 
 def _given(fields: Mapping[str, Any], key: str, default: Any) -> Any:

@@ -6,18 +6,25 @@ something every backend promises to be safe for). So every model call goes throu
 thread. While it runs a forward pass, new queries queue up; the next pass takes all of them
 (up to `max_batch`) at once, which costs little more than one query on a GPU and keeps the
 per-call overhead off the rest on a CPU.
+
+Texts and images take turns: each round runs the texts waiting, then one pass of images. On a
+CPU an image pass holds at most `max_pixel_batch` images (2): an image costs ~10x a text
+there and batching them gains little, so a text never waits behind a long pass of uploads.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from vqret.retrieval.embedder import Embedder
+
+CPU_PIXEL_BATCH = 2
 
 
 @dataclass
@@ -35,9 +42,14 @@ class EmbedBatcher:
     (512,)
     """
 
-    def __init__(self, embedder: Embedder, max_batch: int = 32):
+    def __init__(self, embedder: Embedder, max_batch: int = 32,
+                 max_pixel_batch: int | None = None):
         self.embedder = embedder
         self.max_batch = max(1, int(max_batch))
+        if max_pixel_batch is None:
+            on_cpu = getattr(getattr(embedder, "device", None), "type", "cpu") == "cpu"
+            max_pixel_batch = CPU_PIXEL_BATCH if on_cpu else self.max_batch
+        self.max_pixel_batch = max(1, int(max_pixel_batch))
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self.batches = 0  # forward passes run, for tests and benchmarks
@@ -78,24 +90,31 @@ class EmbedBatcher:
 
     # ---- the worker -----------------------------------------------------------------------
     def _run(self) -> None:
+        pending: deque[_Job] = deque()
+        closing = False
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            jobs = [job]
-            while sum(len(j.payloads) for j in jobs) < self.max_batch:
+            if not pending:
+                if closing:
+                    return
+                job = self._jobs.get()
+                if job is None:
+                    return
+                pending.append(job)
+            while not closing:  # everything queued so far joins this round
                 try:
                     more = self._jobs.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:  # close() while busy: finish this batch, then stop
-                    self._jobs.put(None)
-                    break
-                jobs.append(more)
-            for kind in ("text", "pixels"):
-                group = [j for j in jobs if j.kind == kind]
-                if group:
-                    self._embed(kind, group)
+                if more is None:  # close() while busy: finish what is queued, then stop
+                    closing = True
+                else:
+                    pending.append(more)
+            texts = _take(pending, "text", self.max_batch)
+            if texts:
+                self._embed("text", texts)
+            pixels = _take(pending, "pixels", self.max_pixel_batch)
+            if pixels:
+                self._embed("pixels", pixels)
 
     def _embed(self, kind: str, jobs: list[_Job]) -> None:
         payloads = [p for j in jobs for p in j.payloads]
@@ -114,3 +133,22 @@ class EmbedBatcher:
         for j in jobs:
             j.future.set_result(vectors[start : start + len(j.payloads)])
             start += len(j.payloads)
+
+
+def _take(pending: deque[_Job], kind: str, limit: int) -> list[_Job]:
+    """The oldest jobs of `kind` in `pending`, up to `limit` payloads (at least one job),
+    removed from it; the others keep their order."""
+    taken: list[_Job] = []
+    kept: list[_Job] = []
+    count = 0
+    full = False
+    while pending:
+        job = pending.popleft()
+        if job.kind == kind and not full and (not taken or count + len(job.payloads) <= limit):
+            taken.append(job)
+            count += len(job.payloads)
+        else:
+            full = full or job.kind == kind  # the next of its kind waits its turn: FIFO
+            kept.append(job)
+    pending.extend(kept)
+    return taken

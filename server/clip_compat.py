@@ -13,6 +13,11 @@ Differences a client may notice, all on purpose:
   (where this server serves the original), which clip-front shows as the picture.
 - `embedding_input` is L2-normalised first, so `similarity` is always a cosine.
 - Unknown ids are left out of /metadata's answer instead of failing the whole request.
+- `num_images` and `num_result_ids` above the server's cap (`--max-k`, 1000 by default) are
+  clamped to it, not refused: clip-front always asks for 3000 result ids.
+- An `image_url` of an image this server serves (`/image/{store}/{id}`, what clip-front's
+  "similar" button sends) is searched by that image's stored embedding: nothing is fetched,
+  so it works without --allow-url-queries, and the image itself comes first at similarity 1.
 - `use_mclip`, `use_safety_model`, `use_violence_detector` and `aesthetic_*` are accepted and
   ignored: vqret has none of those models.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 from vqret.retrieval.query import IMAGES, TEXTS
 
@@ -37,18 +43,45 @@ CLIP_INPUTS = {"text": "text", "image": "image", "image_url": "image_url",
 UrlFor = Callable[[str, int], str]  # (store name, image id) -> absolute URL of the original
 
 
-def knn_service(service: SearchService, body: Any, url_for: UrlFor) -> list[dict[str, Any]]:
-    """Answer a /knn-service request body (already parsed JSON)."""
+def own_image_parser(base: str) -> Callable[[Any], tuple[str, int] | None]:
+    """url -> (store name, id) when `url` is one of url_for's (under `base`), else None."""
+    prefix = f"{base}image/"
+
+    def parse(url: Any) -> tuple[str, int] | None:
+        if not isinstance(url, str) or not url.startswith(prefix):
+            return None
+        name, sep, raw = url[len(prefix):].partition("/")
+        if not sep or not raw.isascii() or not raw.isdigit():
+            return None
+        return unquote(name), int(raw)
+
+    return parse
+
+
+def knn_service(
+    service: SearchService,
+    body: Any,
+    url_for: UrlFor,
+    *,
+    own_image: Callable[[Any], tuple[str, int] | None] = lambda url: None,
+    deadline: float | None = None,
+) -> list[dict[str, Any]]:
+    """Answer a /knn-service request body (already parsed JSON). `own_image` recognises the
+    URLs of this server's images; `deadline` bounds the wait for the decode budget."""
     body = _object(body)
     served = service.get(body.get("indice_name"))
+    own = own_image(body.get("image_url"))
+    if own is not None and own[0] == served.name:
+        body = {**body, "image_url": None,
+                "embedding_input": service.stored_vector(served, own[1])}
     modality = body.get("modality") or "image"
     if modality not in ("image", "text"):
         raise RequestError(400, f"modality must be 'image' or 'text', not {modality!r}")
-    num_images = parse_int(
-        _given(body, "num_images", DEFAULT_NUM_IMAGES), "num_images", maximum=service.max_k
-    )
-    num_result_ids = parse_int(
-        _given(body, "num_result_ids", num_images), "num_result_ids", maximum=service.max_k
+    # over the cap: clamped, as clip-front always asks for 3000 ids and can't be told less
+    num_images = min(parse_int(_given(body, "num_images", DEFAULT_NUM_IMAGES), "num_images"),
+                     service.max_k)
+    num_result_ids = min(
+        parse_int(_given(body, "num_result_ids", num_images), "num_result_ids"), service.max_k
     )
     if modality == "text" and text_rows(served.store) == 0:
         raise RequestError(
@@ -62,7 +95,7 @@ def knn_service(service: SearchService, body: Any, url_for: UrlFor) -> list[dict
         served, body, inputs=CLIP_INPUTS, k=min(num_images, num_result_ids), table=table,
         fetch=num_result_ids, dedupe=bool(body.get("deduplicate")) and table == IMAGES,
     )
-    results = service.run(served, query)
+    results = service.run(served, query, deadline)
     if modality == "text":
         return [_text_row(served.name, r, url_for) for r in results]
     return [_row(served.name, r, url_for) for r in results]

@@ -33,6 +33,7 @@ from vqret.retrieval.query import (
 from vqret.retrieval.store import StoreError
 
 from .batcher import EmbedBatcher
+from .decode_budget import PixelBudget, default_budget_mp
 from .inputs import RequestError, decode_base64, parse_int
 from .served_store import ServedStore
 from .thumbnails import THUMB_SIZE, ThumbnailCache, make_thumbnail, make_video_thumbnail
@@ -69,6 +70,7 @@ class SearchService:
         allow_url_queries: bool = False,
         url_max_bytes: int = 10 << 20,
         url_timeout_s: float = 5.0,
+        decode_budget: PixelBudget | None = None,
         warm: bool = True,
     ):
         if not collections:
@@ -78,6 +80,8 @@ class SearchService:
         self.url_max_bytes = url_max_bytes
         self.url_timeout_s = url_timeout_s
         self.max_query_pixels = max_query_pixels
+        # query images of every request and store decode under this one budget of pixels
+        self.decode_budget = decode_budget or PixelBudget(default_budget_mp() * 1_000_000)
         self.thumbnails = ThumbnailCache(thumbnail_cache_bytes)
         batchers: dict[int, EmbedBatcher] = {}
         self.stores: dict[str, ServedStore] = {}
@@ -208,13 +212,17 @@ class SearchService:
         return fetch_url(url, max_bytes=self.url_max_bytes, timeout_s=self.url_timeout_s)
 
     # ---- queries -> results ---------------------------------------------------------------
-    def run(self, served: ServedStore, query: Query) -> SearchResults:
-        """Run a query through the engine, with this store's batcher, lock and generator."""
+    def run(self, served: ServedStore, query: Query,
+            deadline: float | None = None) -> SearchResults:
+        """Run a query through the engine, with this store's batcher, lock and generator.
+        Its images decode under the process's pixel budget, waiting until `deadline`
+        (time.monotonic(); default: the budget's wait from now) at most, else a 503."""
         try:
             return run_query(
                 served.collection, query, embedder=served.query_embedder,
                 fetch_url=self.fetch_image_url, fallback=served.generate_on_miss,
                 lock=served.search_lock, max_image_pixels=self.max_query_pixels,
+                decode_gate=self.decode_budget.gate(deadline),
             )
         except StoreError as e:
             if len(served.store) == 0 or query.table == TEXTS:
@@ -224,6 +232,13 @@ class SearchService:
                 vector = np.zeros(served.store.dim, np.float32)
                 return SearchResults([], query, vector)
             raise RequestError(503, str(e)) from None
+
+    def stored_vector(self, served: ServedStore, image_id: int) -> list[float]:
+        """The stored embedding of an indexed image (404 when the id isn't in the store)."""
+        served.row(image_id)  # a RequestError 404 for an unknown id
+        with served.search_lock:
+            vector = served.collection.stored_vectors([image_id])[0]
+        return [float(x) for x in vector]
 
     def search(self, served: ServedStore, query: Query) -> list[Hit]:
         """The hits of a query, as the server's rows."""
