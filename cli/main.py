@@ -42,6 +42,9 @@ def _configure(
 
     # open_clip logs routine notes (e.g. random init) as root warnings: keep them out of the way.
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(message)s")
+    from vqret.retrieval.lazy_import import skip_pyarrow_pandas_probe
+
+    skip_pyarrow_pandas_probe()  # 0.5 s of every command that writes rows (docs/startup.md)
 
 
 # ------------------------------------------------------------------------------------------
@@ -235,9 +238,14 @@ def _run_index(collection, folder: str, options: dict, show_progress: bool, quie
 def _print_summary(report, collection) -> None:
     d = report.to_dict()
     parts = [f"{d[k]} {k}" for k in ("added", "updated", "renamed", "removed", "unchanged")]
-    rate = f", {report.embedded / report.seconds:.1f} images/s" if report.embedded else ""
+    if report.embedded:
+        work = f"{report.embedded} embedded, {report.embedded / report.seconds:.1f} images/s"
+    elif report.failed:
+        work = "0 embedded"
+    else:  # the model was never loaded (retrieval/deferred_embedder.py)
+        work = f"nothing to embed (scan {report.seconds:.2f} s)"
     out.print(
-        f"{', '.join(parts)}; {report.embedded} embedded{rate}; {len(report.failed)} failed "
+        f"{', '.join(parts)}; {work}; {len(report.failed)} failed "
         f"-> {collection.store.path} ({len(collection.store)} images, {report.seconds:.1f} s)",
         highlight=False,
     )

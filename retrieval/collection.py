@@ -154,16 +154,18 @@ class Collection:
         if existing is not None and rebuild:
             _remove_store(path)
             existing = None
+        if embedder is None and existing is not None and model is None and pretrained is None:
+            # Re-indexing uses the store's own model unless told otherwise, and loads it only
+            # when a file needs embedding (Collection.index, deferred_embedder.py).
+            if existing.source != _source_of(folder):
+                raise _other_source(path, existing, folder)
+            return cls(existing, None, **embedder_kwargs)
         if embedder is None:
             from .embedder import DEFAULT_MODEL, DEFAULT_PRETRAINED, Embedder
 
-            if existing is not None and model is None and pretrained is None:
-                # Re-indexing uses the store's own model unless told otherwise.
-                embedder = Embedder.from_spec(existing.spec, **embedder_kwargs)
-            else:
-                embedder = Embedder(
-                    model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, **embedder_kwargs
-                )
+            embedder = Embedder(
+                model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, **embedder_kwargs
+            )
         if existing is None:
             return cls(Store.create(path, embedder.spec, folder), embedder)
         if not existing.spec.same_model(embedder.spec):
@@ -173,12 +175,8 @@ class Collection:
                 f"{embedder.spec.model} ({embedder.spec.weights_id}); pass --rebuild to "
                 "start over with the new model"
             )
-        wanted = folder if isinstance(folder, str) else str(folder.resolve())
-        if existing.source != wanted:
-            raise StoreError(
-                f"{path} indexes {existing.source}, not {wanted}; use another "
-                "--store for this folder"
-            )
+        if existing.source != _source_of(folder):
+            raise _other_source(path, existing, folder)
         return cls(existing, embedder)
 
     # ---- model ----------------------------------------------------------------------------
@@ -195,7 +193,17 @@ class Collection:
         """Index the store's folder (or `folder`) incrementally; returns an IndexReport."""
         from .indexer import index_folder
 
-        return index_folder(self.store, self.embedder, folder or self.store.source, **kwargs)
+        return index_folder(self.store, self._deferred_embedder(), folder or self.store.source,
+                            **kwargs)
+
+    def _deferred_embedder(self) -> Any:
+        """This collection's embedder, or a stand-in that loads it on first use: a run with
+        nothing to embed never imports torch (deferred_embedder.py)."""
+        if self._embedder is not None:
+            return self._embedder
+        from .deferred_embedder import DeferredEmbedder
+
+        return DeferredEmbedder(self.store.spec, lambda: self.embedder)
 
     def index_texts(self, file: str | os.PathLike, *, wait: float = 0) -> dict[str, Any]:
         """Add the texts of a CSV/JSONL file (`text` or `caption`, optional `image` column) to
@@ -211,7 +219,8 @@ class Collection:
             image_ids = dict(zip(images.column("path").to_pylist(),
                                  images.column("id").to_pylist(), strict=True))
             rows = caption_file_rows(path, image_ids)
-            report = sync_texts(writer, self.embedder, rows, owned=from_file(path.name))
+            report = sync_texts(writer, self._deferred_embedder(), rows,
+                                owned=from_file(path.name))
             update_after_write(writer, TEXTS)
         return report.to_dict()
 
@@ -527,6 +536,16 @@ def _stores_exact_vectors(index: Any) -> bool:
 
     inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
     return isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat)
+
+
+def _source_of(folder: str | Path) -> str:
+    """The folder as a store records it: a URL as given, a local folder resolved."""
+    return folder if isinstance(folder, str) else str(folder.resolve())
+
+
+def _other_source(path: Path, existing: Store, folder: str | Path) -> StoreError:
+    return StoreError(f"{path} indexes {existing.source}, not {_source_of(folder)}; use "
+                      "another --store for this folder")
 
 
 def _remove_store(path: Path) -> None:

@@ -107,6 +107,21 @@ def read_meta(store_path: str | os.PathLike, spec: ModelSpec) -> dict[str, Any]:
     return meta
 
 
+def bundle_looks_ready(store_path: str | os.PathLike, spec: ModelSpec) -> bool:
+    """Whether the store holds a bundle for this model whose files have their recorded
+    sizes: what a run that loads no model checks (no ONNX Runtime, no probe)."""
+    try:
+        meta = read_meta(store_path, spec)
+    except TextEncoderUnavailable:
+        return False
+    folder = bundle_dir(store_path)
+    try:
+        return all((folder / name).stat().st_size == size
+                   for name, size in meta["files"].items())
+    except (OSError, KeyError, AttributeError, TypeError):
+        return False
+
+
 # --------------------------------------------------------------------------------------------
 # Inference (no torch)
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Every command pays only for what it does: a run with nothing to embed never imports torch
+(nor loads a model), and what it leaves is what a full run would have left.
+
+The checks run the command a user types in a fresh process, wrapped so that the process
+reports at exit which heavy modules it really imported (a module object that exists only
+as a lazy placeholder doesn't count: it never ran).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures.shapes import caption, make_shape_folder
+
+HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "pandas", "faiss")
+
+# Runs `vqret ARGS...` as `python -m vqret.cli.main` does, then prints the heavy modules
+# that were really executed (a LazyLoader placeholder has no __spec__.loader_state done).
+WRAPPER = r"""
+import json, runpy, sys, importlib.util
+heavy = json.loads(sys.argv[1])
+sys.argv = ["vqret", *sys.argv[2:]]
+code = 0
+try:
+    runpy.run_module("vqret.cli.main", run_name="__main__")
+except SystemExit as e:
+    code = e.code or 0
+def executed(name):
+    m = sys.modules.get(name)
+    if m is None:
+        return False
+    # a lazy module not yet touched still has the LazyLoader's class
+    return not isinstance(m, importlib.util._LazyModule)
+print("IMPORTED=" + json.dumps([n for n in heavy if executed(n)]), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_reporting(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    proc = subprocess.run(
+        [sys.executable, "-c", WRAPPER, json.dumps(HEAVY), *args],
+        capture_output=True, text=True, env=dict(os.environ), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = [x for x in proc.stderr.splitlines() if x.startswith("IMPORTED=")][-1]
+    return proc, set(json.loads(line.split("=", 1)[1]))
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, embedder) -> Path:
+    """20 drawn images indexed as `vqret index` does (rows, search index, text encoder),
+    in this process: the model is loaded here already."""
+    from vqret import Collection
+
+    folder = tmp_path_factory.mktemp("startup") / "images"
+    make_shape_folder(folder, 16, seed=21)
+    (folder / "sub").mkdir()
+    make_shape_folder(folder / "sub", 4, seed=22)
+    collection = Collection.create(folder, embedder=embedder)
+    collection.index()
+    assert collection.prepare_fast_text_search().startswith("exported")
+    return folder
+
+
+def test_a_no_op_index_never_imports_torch(indexed: Path) -> None:
+    from vqret import Collection
+
+    store = indexed / ".vqret"
+    index_file = store / "images.faiss"
+    before = (index_file.read_bytes(), index_file.stat().st_mtime_ns)
+    proc, imported = run_reporting("index", str(indexed))
+    assert not imported & {"torch", "torchvision", "open_clip"}, imported
+    # nor the text encoder's runtime, the search library or pandas: nothing needs them
+    assert not imported, imported
+    assert "nothing to embed" in proc.stdout and "20 unchanged" in proc.stdout, proc.stdout
+    # the saved search index was current: left as it was, not rebuilt and rewritten
+    assert (index_file.read_bytes(), index_file.stat().st_mtime_ns) == before
+
+    # A changed file: the plan finds it, and only then is the model made and run.
+    files = sorted(indexed.glob("*.png"))
+    files[0].write_bytes(files[1].read_bytes() + b"\0")  # other bytes: embedded again
+    collection = Collection.create(indexed)
+    assert collection._embedder is None, "opening for an index loads no model"
+    report = collection.index()
+    assert (report.embedded, report.updated, report.unchanged) == (1, 1, 19)
+    assert collection._embedder is not None
+    hits = collection.search(embedding=collection.stored_vectors([0])[0], k=20)
+    assert len(hits) == 20
+    assert index_file.read_bytes() != before[0], "the search index took the new row"
+
+
+def test_index_texts_again_imports_no_torch(indexed: Path, tmp_path: Path) -> None:
+    from vqret import Collection
+
+    store = indexed / ".vqret"
+    captions = tmp_path / "captions.csv"
+    captions.write_text("text,image\n" + "\n".join(
+        f"{caption(c, s)},x.png" for c, s in [("red", "star"), ("blue", "circle")]) + "\n")
+    assert Collection.open(store).index_texts(captions)["added"] == 2
+    again, imported = run_reporting("index-texts", str(captions), "--store", str(store),
+                                    "--json")
+    assert json.loads(again.stdout) == {"added": 0, "removed": 0, "unchanged": 2,
+                                        "failed": []}
+    assert not imported & {"torch", "open_clip"}, imported
+
+
+def test_sidecar_captions_are_found_by_one_listing_per_folder(tmp_path: Path) -> None:
+    from vqret.retrieval.store import Failure
+    from vqret.retrieval.texts import sidecar_rows
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for rel in ("x.jpg", "a/y.v2.png", "a/b/z.jpeg", "a/b/none.jpg", ".hidden.jpg"):
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "x.txt").write_text("caption x\n")
+    (tmp_path / "a" / "y.v2.json").write_text(json.dumps({"caption": ["one", "two"]}))
+    (tmp_path / "a" / "b" / "z.txt").mkdir()  # a folder named like a sidecar: not one
+    (tmp_path / "a" / "b" / "z.json").write_text("{broken")
+    (tmp_path / ".hidden.txt").write_text("hidden")
+    images = {"x.jpg": 1, "a/y.v2.png": 2, "a/b/z.jpeg": 3, "a/b/none.jpg": 4,
+              ".hidden.jpg": 5, "gone/w.jpg": 6}
+    failures: list[Failure] = []
+    rows = sidecar_rows(tmp_path, images, failures)
+    assert sorted((r.text, r.source, r.image_id) for r in rows) == [
+        ("caption x", "x.txt", 1), ("hidden", ".hidden.txt", 5),
+        ("one", "a/y.v2.json", 2), ("two", "a/y.v2.json", 2)]
+    assert [f.path for f in failures] == ["a/b/z.json"]
+
