@@ -44,7 +44,9 @@ def _configure(
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(message)s")
     from vqret.retrieval.lazy_import import skip_pyarrow_pandas_probe
 
-    skip_pyarrow_pandas_probe()  # 0.5 s of every command that writes rows (docs/startup.md)
+    # pyarrow imports pandas (0.5 s) the first time it builds or converts an array, to ask
+    # whether the input is a pandas object: never one in our commands (docs/startup.md)
+    skip_pyarrow_pandas_probe()
 
 
 # ------------------------------------------------------------------------------------------
@@ -397,6 +399,10 @@ _register_bench_ray(bench_app)
 from vqret.cli.bench_filter import register as _register_bench_filter  # noqa: E402
 
 _register_bench_filter(bench_app)
+
+from vqret.cli.bench_startup import register as _register_bench_startup  # noqa: E402
+
+_register_bench_startup(bench_app)
 
 
 @bench_app.command("recall")

@@ -144,12 +144,10 @@ def search(
         parsed = _query(query, image, add, subtract, like, embedding, k=k, texts=texts,
                         dedupe=dedupe, generate=generate, threshold=threshold, seed=seed,
                         generate_out=generate_out, filters=filters, columns=columns or ())
-        import faiss
         from vqret.api import Collection
 
-        # One query: faiss' OpenMP threads cost more in start-up and barriers than they save
-        # (exact search over 1M vectors measured 92 ms on 1 thread, 358 ms on 2).
-        faiss.omp_set_num_threads(1)
+        # one_shot: one query, then exit (the ONNX session and faiss' threads are set up
+        # for that, retrieval/collection.py)
         collection = Collection.open(store, device=device, one_shot=True)
         results = collection.run(parsed)
         if results.note:

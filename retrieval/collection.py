@@ -83,6 +83,7 @@ class Collection:
         self._embedder = embedder
         self._embedder_kwargs = embedder_kwargs
         self._texts = TextQueries(self, text_encoder, one_shot)
+        self._one_shot = one_shot
         # search indexes and id -> row lookups, valid for one store generation
         self._indexes: dict[str, Any] = {}
         self._lookups: dict[str, dict[int, dict]] = {}
@@ -241,8 +242,21 @@ class Collection:
             self._lookups.clear()
             self._index_generation = self.store.generation
         if table not in self._indexes:
-            device = self._embedder_kwargs["device"]
-            self._indexes[table] = to_search_device(load_index(self.store, table), device)
+            from .exact_small import small_exact_index
+
+            # a small exact table is searched in numpy: no faiss import (exact_small.py)
+            index = small_exact_index(self.store, table)
+            if index is None:
+                if self._one_shot:
+                    import faiss
+
+                    # One query: faiss' OpenMP threads cost more in start-up and barriers
+                    # than they save (exact search over 1M vectors measured 92 ms on 1
+                    # thread, 358 ms on 2). Process-wide, which a one-shot process is.
+                    faiss.omp_set_num_threads(1)
+                device = self._embedder_kwargs["device"]
+                index = to_search_device(load_index(self.store, table), device)
+            self._indexes[table] = index
         return self._indexes[table]
 
     def query_embedding(
@@ -375,9 +389,14 @@ class Collection:
                       allowed: Any) -> tuple[np.ndarray, np.ndarray]:
         """The exact-or-near top-k among the allowed rows, at any selectivity
         (filtered_search.py: exact over few rows, the index's ID selector over many)."""
-        from .filtered_search import search_filtered
+        from .exact_small import ExactVectors
 
-        scores, ids = search_filtered(index, query, k, allowed, vectors_of=self._vectors_of)
+        if isinstance(index, ExactVectors):
+            scores, ids = index.search_among(query, k, allowed)
+        else:
+            from .filtered_search import search_filtered
+
+            scores, ids = search_filtered(index, query, k, allowed, vectors_of=self._vectors_of)
         keep = ids[0] >= 0
         return scores[:, keep], ids[:, keep]
 
@@ -532,6 +551,10 @@ def embedder_options(device: str, precision: str, batch_size: int,
 
 
 def _stores_exact_vectors(index: Any) -> bool:
+    from .exact_small import ExactVectors
+
+    if isinstance(index, ExactVectors):
+        return True
     import faiss
 
     inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index

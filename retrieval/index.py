@@ -21,6 +21,7 @@ import numpy as np
 
 from . import ann
 from .device import cuda_number
+from .exact_small import ExactVectors
 from .lazy_import import lazy_import
 from .store import IMAGES, Store, write_atomic
 
@@ -147,6 +148,8 @@ def search_index(
     index: faiss.Index, queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids), each (Q, k'), with k' = min(k, ntotal); missing slots have id -1."""
+    if isinstance(index, ExactVectors):  # a small table, in numpy (exact_small.py)
+        return index.search(queries, k)
     k = min(int(k), int(index.ntotal))
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)

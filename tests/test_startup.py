@@ -130,3 +130,55 @@ def test_sidecar_captions_are_found_by_one_listing_per_folder(tmp_path: Path) ->
         ("one", "a/y.v2.json", 2), ("two", "a/y.v2.json", 2)]
     assert [f.path for f in failures] == ["a/b/z.json"]
 
+
+
+def test_small_tables_are_searched_exactly_as_faiss_would() -> None:
+    import faiss
+    import numpy as np
+    from vqret.retrieval.exact_small import ExactVectors
+    from vqret.retrieval.filtered_search import Allowed
+
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((500, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[7] = vectors[3]  # a copy: equal scores, the smaller id first
+    ids = rng.permutation(10_000)[:500].astype(np.int64)
+    queries = rng.standard_normal((3, 32)).astype(np.float32)
+    reference = faiss.IndexIDMap2(faiss.IndexFlatIP(32))
+    reference.add_with_ids(vectors, ids)
+    ours = ExactVectors(ids, vectors)
+    for k in (1, 10, 500, 600):
+        got, want = ours.search(queries, k), reference.search(queries, min(k, 500))
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+        assert (got[1] == want[1]).mean() > 0.99  # only near-ties may swap
+    scores, found = ours.search(vectors[3:4], 2)
+    assert found[0].tolist() == sorted([ids[3], ids[7]]) and scores[0, 0] == scores[0, 1]
+    passing = ids[::5]
+    for allowed in (passing, Allowed.from_ids(passing)):
+        s, i = ours.search_among(queries, 10, allowed)
+        exact = queries @ vectors[::5].T
+        best = np.argsort(-exact, axis=1)[:, :10]
+        assert (i == passing[best]).all()
+        np.testing.assert_allclose(s, np.take_along_axis(exact, best, axis=1), atol=1e-6)
+    assert np.array_equal(ours.reconstruct(int(ids[42])), vectors[42])
+    assert ours.search(queries, 0)[1].shape == (3, 0)
+
+
+def test_bench_startup_times_each_command_against_the_floor(indexed: Path) -> None:
+    from vqret.benchmarks.startup import COMMANDS, measure_startup, top10_agreement
+
+    store = indexed / ".vqret"
+    result = measure_startup(indexed, store, repeats=1)
+    assert result["noop_index_rows"] == 20 and result["cold_search_hits"] == 10
+    for name in COMMANDS:
+        seconds = result[f"{name}_s"]
+        assert seconds > 0 and result[f"{name}_s_min"] == seconds  # one run: median = min
+        assert result[f"{name}_rss_mib"] > 0
+        if name != "floor":  # a ratio of the rounded medians, up to their rounding
+            ratio = result[f"{name}_x_floor"]
+            floor = result["floor_s"]
+            assert (seconds - 5e-4) / (floor + 5e-4) - 0.005 <= ratio <= (
+                (seconds + 5e-4) / (floor - 5e-4) + 0.005)
+    agreement = top10_agreement(store)
+    assert agreement["same_top10"] == agreement["probe_texts"] == 10
+    assert agreement["min_query_cosine"] >= 0.9999
