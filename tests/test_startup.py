@@ -109,6 +109,30 @@ def test_index_texts_again_imports_no_torch(indexed: Path, tmp_path: Path) -> No
     assert not imported & {"torch", "open_clip"}, imported
 
 
+def test_tokenizer_encode_and_dupes_with_nothing_to_do_import_no_torch(indexed: Path,
+                                                                      tmp_path: Path) -> None:
+    import torch
+    from vqret import Collection
+    from vqret.tokenizer.checkpoint import save_checkpoint
+    from vqret.tokenizer.config import get_config
+    from vqret.tokenizer.model import VQVAE
+
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(VQVAE(get_config("tiny")), tmp_path / "tok")
+    store = indexed / ".vqret"
+    first = Collection.open(store).encode_codes(checkpoint)
+    assert first.encoded == 20
+    proc, imported = run_reporting("tokenizer", "encode", "--store", str(store), "--tokenizer",
+                                   str(checkpoint), "--json")
+    again = json.loads(proc.stdout)
+    assert (again["encoded"], again["skipped"], again["tokenizer"]) == (0, 20, first.tokenizer)
+    assert again["grid"] == list(first.grid)
+    assert not imported & {"torch", "open_clip"}, imported
+    proc, imported = run_reporting("dupes", "--store", str(store), "--json")
+    assert "groups" in json.loads(proc.stdout)
+    assert not imported & {"torch", "open_clip"}, imported
+
+
 def test_sidecar_captions_are_found_by_one_listing_per_folder(tmp_path: Path) -> None:
     from vqret.retrieval.store import Failure
     from vqret.retrieval.texts import sidecar_rows
