@@ -42,6 +42,11 @@ def _configure(
 
     # open_clip logs routine notes (e.g. random init) as root warnings: keep them out of the way.
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(message)s")
+    from vqret.retrieval.lazy_import import skip_pyarrow_pandas_probe
+
+    # pyarrow imports pandas (0.5 s) the first time it builds or converts an array, to ask
+    # whether the input is a pandas object: never one in our commands (docs/startup.md)
+    skip_pyarrow_pandas_probe()
 
 
 # ------------------------------------------------------------------------------------------
@@ -259,9 +264,14 @@ def _print_summary(report, collection) -> None:
     parts = [f"{d[k]} {k}" for k in ("added", "updated", "renamed", "removed", "unchanged")]
     if report.repaired:  # rows of damaged parts, re-embedded under their ids
         parts.insert(0, f"{report.repaired} repaired")
-    rate = f", {report.embedded / report.seconds:.1f} images/s" if report.embedded else ""
+    if report.embedded:
+        work = f"{report.embedded} embedded, {report.embedded / report.seconds:.1f} images/s"
+    elif report.failed:
+        work = "0 embedded"
+    else:  # the model was never loaded (retrieval/deferred_embedder.py)
+        work = f"nothing to embed (scan {report.seconds:.2f} s)"
     out.print(
-        f"{', '.join(parts)}; {report.embedded} embedded{rate}; {len(report.failed)} failed "
+        f"{', '.join(parts)}; {work}; {len(report.failed)} failed "
         f"-> {collection.store.path} ({len(collection.store)} images, {report.seconds:.1f} s)",
         highlight=False,
     )
@@ -436,6 +446,10 @@ _register_watch(app, _run_index, _print_summary)
 from vqret.cli.bench_video import register as _register_bench_video  # noqa: E402
 
 _register_bench_video(bench_app)
+
+from vqret.cli.bench_startup import register as _register_bench_startup  # noqa: E402
+
+_register_bench_startup(bench_app)
 
 
 @bench_app.command("recall")

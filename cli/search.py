@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 import typer
@@ -149,12 +149,10 @@ def search(
                         dedupe=dedupe, generate=generate, threshold=threshold, seed=seed,
                         generate_out=generate_out, filters=filters, columns=columns or (),
                         per_video=per_video)
-        import faiss
         from vqret.api import Collection
 
-        # One query: faiss' OpenMP threads cost more in start-up and barriers than they save
-        # (exact search over 1M vectors measured 92 ms on 1 thread, 358 ms on 2).
-        faiss.omp_set_num_threads(1)
+        # one_shot: one query, then exit (the ONNX session and faiss' threads are set up
+        # for that, retrieval/collection.py)
         collection = Collection.open(store, device=device, one_shot=True)
         results = collection.run(parsed)
         if results.note:
@@ -162,8 +160,8 @@ def search(
         if grid is not None:
             from vqret.retrieval.grid import render_grid
 
-            items = [(_picture(collection, r), f"#{r.rank}  {r.score:.3f}{_at(r)}")
-                     for r in results if r.path is not None]
+            items = [(_picture(collection, r), f"#{r.rank}  {r.score:.3f}{_at(r)}",
+                      PurePosixPath(r.path).name) for r in results if r.path is not None]
             render_grid(items, grid, title=parsed.prompt)
     _print(results, collection, as_json=as_json, files=files, texts=texts)
     if grid is not None and not as_json and not files:

@@ -252,29 +252,14 @@ def encode_command(
 ) -> None:
     """Write every image's code grid into the store; again, it encodes only what's new."""
     with clean_errors(KEPT_CHECKPOINT):
-        import torch
-        from vqret.tokenizer.store_codes import encode_store
+        from vqret.tokenizer.store_codes import pending_codes
 
-        if threads is not None:
-            torch.set_num_threads(threads)
         opened = open_store(store)
-        tokenizer = _load_tokenizer(opened, checkpoint, device, batch_size)
-
-        def on_failure(failure) -> None:
-            if not quiet:
-                err.print(f"skipped {failure.path}: {failure.error}", highlight=False,
-                          markup=False)
-
-        show_bar = not (as_json or quiet) and err.is_terminal
-        options = {"wait": wait, "commit_every": commit_every, "on_failure": on_failure}
-        try:
-            if show_bar:
-                report = _encode_with_progress(opened, tokenizer, options)
-            else:
-                report = encode_store(opened, tokenizer, **options)
-        except KeyboardInterrupt:
-            err.print("interrupted: committed codes are kept; run the same command to resume")
-            raise typer.Exit(130) from None
+        # every row has its codes: said without importing torch or loading the tokenizer
+        report = pending_codes(opened, checkpoint)
+        if report is None:
+            report = _encode(opened, checkpoint, device, batch_size, threads, wait,
+                             commit_every, as_json, quiet)
     if as_json:
         print(json.dumps(report.to_dict()))
     elif not quiet:
@@ -285,6 +270,34 @@ def encode_command(
             f"{report.tokenizer[:12]} -> {opened.path} ({report.seconds:.1f} s)",
             highlight=False,
         )
+
+
+def _encode(opened, checkpoint, device: str, batch_size: int, threads: int | None, wait: float,
+            commit_every: int, as_json: bool, quiet: bool):
+    """The encode run itself, once some row needs codes."""
+    import torch
+    from vqret.tokenizer.store_codes import encode_store
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    tokenizer = _load_tokenizer(opened, checkpoint, device, batch_size)
+
+    def on_failure(failure) -> None:
+        if not quiet:
+            err.print(f"skipped {failure.path}: {failure.error}", highlight=False,
+                      markup=False)
+
+    show_bar = not (as_json or quiet) and err.is_terminal
+    options = {"wait": wait, "commit_every": commit_every, "on_failure": on_failure}
+    try:
+        if show_bar:
+            report = _encode_with_progress(opened, tokenizer, options)
+        else:
+            report = encode_store(opened, tokenizer, **options)
+    except KeyboardInterrupt:
+        err.print("interrupted: committed codes are kept; run the same command to resume")
+        raise typer.Exit(130) from None
+    return report
 
 
 def _encode_with_progress(store, tokenizer, options: dict):

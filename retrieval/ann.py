@@ -27,8 +27,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import faiss
 import numpy as np
+
+from .lazy_import import lazy_import
+
+# loaded on first use: a no-op `vqret index` and `--index-memory` parsing need no faiss
+faiss = lazy_import("faiss")
 
 log = logging.getLogger(__name__)
 

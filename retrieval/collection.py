@@ -90,6 +90,7 @@ class Collection:
         self._embedder = embedder
         self._embedder_kwargs = embedder_kwargs
         self._texts = TextQueries(self, text_encoder, one_shot)
+        self._one_shot = one_shot
         # search indexes and id -> row lookups, valid for one store generation
         self._indexes: dict[str, Any] = {}
         self._lookups: dict[str, dict[int, dict]] = {}
@@ -161,16 +162,18 @@ class Collection:
         if existing is not None and rebuild:
             _remove_store(path)
             existing = None
+        if embedder is None and existing is not None and model is None and pretrained is None:
+            # Re-indexing uses the store's own model unless told otherwise, and loads it only
+            # when a file needs embedding (Collection.index, deferred_embedder.py).
+            if existing.source != _source_of(folder):
+                raise _other_source(path, existing, folder)
+            return cls(existing, None, **embedder_kwargs)
         if embedder is None:
             from .embedder import DEFAULT_MODEL, DEFAULT_PRETRAINED, Embedder
 
-            if existing is not None and model is None and pretrained is None:
-                # Re-indexing uses the store's own model unless told otherwise.
-                embedder = Embedder.from_spec(existing.spec, **embedder_kwargs)
-            else:
-                embedder = Embedder(
-                    model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, **embedder_kwargs
-                )
+            embedder = Embedder(
+                model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, **embedder_kwargs
+            )
         if existing is None:
             return cls(Store.create(path, embedder.spec, folder), embedder)
         if not existing.spec.same_model(embedder.spec):
@@ -180,12 +183,8 @@ class Collection:
                 f"{embedder.spec.model} ({embedder.spec.weights_id}); pass --rebuild to "
                 "start over with the new model"
             )
-        wanted = folder if isinstance(folder, str) else str(folder.resolve())
-        if existing.source != wanted:
-            raise StoreError(
-                f"{path} indexes {existing.source}, not {wanted}; use another "
-                "--store for this folder"
-            )
+        if existing.source != _source_of(folder):
+            raise _other_source(path, existing, folder)
         return cls(existing, embedder)
 
     # ---- model ----------------------------------------------------------------------------
@@ -202,7 +201,17 @@ class Collection:
         """Index the store's folder (or `folder`) incrementally; returns an IndexReport."""
         from .indexer import index_folder
 
-        return index_folder(self.store, self.embedder, folder or self.store.source, **kwargs)
+        return index_folder(self.store, self._deferred_embedder(), folder or self.store.source,
+                            **kwargs)
+
+    def _deferred_embedder(self) -> Any:
+        """This collection's embedder, or a stand-in that loads it on first use: a run with
+        nothing to embed never imports torch (deferred_embedder.py)."""
+        if self._embedder is not None:
+            return self._embedder
+        from .deferred_embedder import DeferredEmbedder
+
+        return DeferredEmbedder(self.store.spec, lambda: self.embedder)
 
     def index_texts(self, file: str | os.PathLike, *, wait: float = 0) -> dict[str, Any]:
         """Add the texts of a CSV/JSONL file (`text` or `caption`, optional `image` column) to
@@ -218,7 +227,8 @@ class Collection:
             image_ids = dict(zip(images.column("path").to_pylist(),
                                  images.column("id").to_pylist(), strict=True))
             rows = caption_file_rows(path, image_ids)
-            report = sync_texts(writer, self.embedder, rows, owned=from_file(path.name))
+            report = sync_texts(writer, self._deferred_embedder(), rows,
+                                owned=from_file(path.name))
             update_after_write(writer, TEXTS)
         return report.to_dict()
 
@@ -239,8 +249,21 @@ class Collection:
             self._lookups.clear()
             self._index_generation = self.store.generation
         if table not in self._indexes:
-            device = self._embedder_kwargs["device"]
-            self._indexes[table] = to_search_device(load_index(self.store, table), device)
+            from .exact_small import small_exact_index
+
+            # a small exact table is searched in numpy: no faiss import (exact_small.py)
+            index = small_exact_index(self.store, table)
+            if index is None:
+                if self._one_shot:
+                    import faiss
+
+                    # One query: faiss' OpenMP threads cost more in start-up and barriers
+                    # than they save (exact search over 1M vectors measured 92 ms on 1
+                    # thread, 358 ms on 2). Process-wide, which a one-shot process is.
+                    faiss.omp_set_num_threads(1)
+                device = self._embedder_kwargs["device"]
+                index = to_search_device(load_index(self.store, table), device)
+            self._indexes[table] = index
         return self._indexes[table]
 
     def query_embedding(
@@ -401,9 +424,14 @@ class Collection:
                       allowed: Any) -> tuple[np.ndarray, np.ndarray]:
         """The exact-or-near top-k among the allowed rows, at any selectivity
         (filtered_search.py: exact over few rows, the index's ID selector over many)."""
-        from .filtered_search import search_filtered
+        from .exact_small import ExactVectors
 
-        scores, ids = search_filtered(index, query, k, allowed, vectors_of=self._vectors_of)
+        if isinstance(index, ExactVectors):
+            scores, ids = index.search_among(query, k, allowed)
+        else:
+            from .filtered_search import search_filtered
+
+            scores, ids = search_filtered(index, query, k, allowed, vectors_of=self._vectors_of)
         keep = ids[0] >= 0
         return scores[:, keep], ids[:, keep]
 
@@ -568,10 +596,24 @@ def embedder_options(device: str, precision: str, batch_size: int,
 
 
 def _stores_exact_vectors(index: Any) -> bool:
+    from .exact_small import ExactVectors
+
+    if isinstance(index, ExactVectors):
+        return True
     import faiss
 
     inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
     return isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat)
+
+
+def _source_of(folder: str | Path) -> str:
+    """The folder as a store records it: a URL as given, a local folder resolved."""
+    return folder if isinstance(folder, str) else str(folder.resolve())
+
+
+def _other_source(path: Path, existing: Store, folder: str | Path) -> StoreError:
+    return StoreError(f"{path} indexes {existing.source}, not {_source_of(folder)}; use "
+                      "another --store for this folder")
 
 
 def _remove_store(path: Path) -> None:

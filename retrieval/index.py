@@ -17,14 +17,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from . import ann
 from .device import cuda_number
+from .exact_small import ExactVectors
+from .lazy_import import lazy_import
 from .part_health import file_check, file_damage
 from .store import IMAGES, Store, write_atomic
 
+faiss = lazy_import("faiss")  # not for a run that changed nothing (docs/startup.md)
 log = logging.getLogger(__name__)
 
 # Memory-map index files larger than this share of RAM instead of reading them in.
@@ -162,6 +164,8 @@ def search_index(
     index: faiss.Index, queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids), each (Q, k'), with k' = min(k, ntotal); missing slots have id -1."""
+    if isinstance(index, ExactVectors):  # a small table, in numpy (exact_small.py)
+        return index.search(queries, k)
     k = min(int(k), int(index.ntotal))
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
@@ -216,6 +220,10 @@ def update_index(
     asked = kind or (meta or {}).get("asked", "auto")
     n = store.count(table)
     plan = ann.plan_index(n, store.dim, asked, memory)
+    if changed_ids is not None:
+        changed_ids = np.fromiter(changed_ids, np.int64)
+        if _saved_is_current(store, table, meta, previous, plan, changed_ids, asked):
+            return previous
     index = None
     if (
         previous is not None
@@ -247,6 +255,22 @@ def update_index(
     meta["asked"] = asked
     write_atomic(index_files(store, table)[1], json.dumps(meta, indent=2).encode())
     return plan
+
+
+def _saved_is_current(store: Store, table: str, meta: dict | None,
+                      previous: ann.IndexPlan | None, plan: ann.IndexPlan,
+                      changed: np.ndarray, asked: str) -> bool:
+    """Whether a run that changed no row of `table` can keep the saved index as it is: it
+    covers the table's generation and has the structure the plan asks for (a no-op `vqret
+    index` then reads no vector and writes no file)."""
+    if meta is None or previous is None or len(changed):
+        return False
+    same_structure = (previous.kind, previous.factory, previous.refine) == (
+        plan.kind, plan.factory, plan.refine)
+    return (same_structure and meta.get("asked", "auto") == asked
+            and meta.get("generation") == store.table_generation(table)
+            and meta.get("ntotal") == store.count(table)
+            and index_files(store, table)[0].is_file())
 
 
 def update_after_write(

@@ -28,14 +28,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .embedder import Embedder
 from .hasher import Hasher, hash_here, hash_in_order
 from .index import update_after_write
 from .listing import NamedPaths, column, first_equal, ints, listing_table, mask, positions
@@ -67,6 +66,9 @@ from .texts import is_sidecar, sidecar_rows, sync_texts
 from .video import DEFAULT_EVERY
 from .video_index import image_rows, sync_videos
 from .walk import FileEntry, walk_images
+
+if TYPE_CHECKING:  # torch: only once a file needs the model (deferred_embedder.py)
+    from .embedder import Embedder
 
 ProgressCallback = Callable[[int, int], None]  # (images embedded so far, images to embed)
 

@@ -101,10 +101,25 @@ class TextQueries:
         """Export the text tower into the store (Collection.prepare_fast_text_search)."""
         from .onnx_export import ensure_text_encoder
 
-        embedder = self.collection.embedder
-        # a Ray embedder embeds captions with a local model: that one exports
-        embedder = getattr(embedder, "text_embedder", None) or embedder
-        status = ensure_text_encoder(self.collection.store.path, embedder,
+        collection = self.collection
+        if collection._embedder is None:
+            # Nothing loaded the model (a run with nothing to embed): a bundle whose meta and
+            # file sizes fit is taken as it is, without loading ONNX Runtime, and the model
+            # loads only for an export. A search checks the probe before it trusts a bundle,
+            # and mends a bad one (onnx_text.py).
+            from .deferred_embedder import DeferredEmbedder
+            from .onnx_text import bundle_looks_ready
+
+            store = collection.store
+            if bundle_looks_ready(store.path, store.spec):
+                self.export_would_help = False
+                return "ready"
+            embedder = DeferredEmbedder(store.spec, lambda: collection.embedder)
+        else:
+            embedder = collection.embedder
+            # a Ray embedder embeds captions with a local model: that one exports
+            embedder = getattr(embedder, "text_embedder", None) or embedder
+        status = ensure_text_encoder(collection.store.path, embedder,
                                      raise_io_errors=raise_io_errors)
         self.export_would_help = False
         return status

@@ -16,16 +16,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, safe_open, save_file
 from vqret.retrieval.atomic import atomic_write
 from vqret.retrieval.content_hash import file_sha256
 from vqret.retrieval.weights import weights_file
 
 from .config import TokenizerConfig
-from .model import VQVAE
+
+if TYPE_CHECKING:  # torch: not to find a checkpoint or its id (a no-op `tokenizer encode`)
+    import torch
+
+    from .model import VQVAE
 
 __all__ = [
     "CONFIG_FILE",
@@ -61,6 +63,8 @@ def save_checkpoint(
 ) -> Path:
     """Write weights and config JSON into `folder` (each replaced atomically); returns the
     weights path."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(model.config.to_dict())
@@ -80,6 +84,8 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     sidecar = weights.with_suffix(".json")
     if sidecar.is_file():
         return json.loads(sidecar.read_text())
+    from safetensors import safe_open
+
     with safe_open(str(weights), framework="pt") as f:
         metadata = f.metadata() or {}
     if "config" not in metadata:
@@ -93,6 +99,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     info = read_checkpoint_info(weights)
     config_data = dict(info["config"])
     config = TokenizerConfig.from_dict(config_data)
+    from safetensors.torch import load_file
+
+    from .model import VQVAE
+
     model = VQVAE(config)
     state = load_file(str(weights), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,9 +30,10 @@ from vqret.retrieval.content_hash import unreadable
 from vqret.retrieval.images import ImageLoadError
 from vqret.retrieval.store import Failure, Store, StoreError
 
-from .api import Tokenizer
-from .checkpoint import resolve_checkpoint
-from .data import center_square
+from .checkpoint import resolve_checkpoint, tokenizer_id
+
+if TYPE_CHECKING:  # torch: only once an image is to be encoded (`pending_codes`)
+    from .api import Tokenizer
 
 __all__ = [
     "TOKENIZER_DIRNAME",
@@ -73,6 +74,26 @@ class EncodeReport:
             "failed": [f.to_dict() for f in self.failed],
             "seconds": round(self.seconds, 3),
         }
+
+
+def pending_codes(store: Store, checkpoint: str | os.PathLike[str] | None = None
+                  ) -> EncodeReport | None:
+    """The report of an `encode_store` run with nothing to do, found without torch or the
+    tokenizer's weights: every row has codes from the tokenizer `checkpoint` (default: the
+    store's) names. None when some row still needs them (or the grid isn't recorded)."""
+    started = time.perf_counter()
+    tok_id = tokenizer_id(store_tokenizer_path(store, checkpoint))
+    record = store.manifest.get("tokenizer") or {}
+    if record.get("id") != tok_id or not record.get("grid"):
+        return None
+    rows = store.read_table(["codes_tokenizer"])
+    if not rows.num_rows or rows.column("codes_tokenizer").null_count:
+        return None
+    if pc.any(pc.not_equal(rows.column("codes_tokenizer"), tok_id)).as_py():
+        return None
+    grid = tuple(int(g) for g in record["grid"])
+    return EncodeReport(tok_id, (grid[0], grid[1]), skipped=rows.num_rows,
+                        seconds=time.perf_counter() - started)
 
 
 def store_tokenizer_path(
@@ -179,6 +200,8 @@ def encode_store(
             pending_codes.clear()
             last_commit = time.monotonic()
             commit_cost = last_commit - began
+
+        from .data import center_square
 
         def load(path: str) -> np.ndarray | str:
             try:
