@@ -154,10 +154,10 @@ class Faults:
         self._patch(torch, "save", self._wrap("write", torch.save, second, native=True))
         import safetensors.torch
         import vqret.diffusion.checkpoint as diffusion_checkpoint
-        import vqret.tokenizer.checkpoint as tokenizer_checkpoint
 
+        # the tokenizer's checkpoint imports save_file when it saves: patched in safetensors
         save_file = self._wrap("write", safetensors.torch.save_file, second, native=True)
-        for owner in (safetensors.torch, diffusion_checkpoint, tokenizer_checkpoint):
+        for owner in (safetensors.torch, diffusion_checkpoint):
             self._patch(owner, "save_file", save_file)
         from PIL import Image
 
