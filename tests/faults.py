@@ -138,7 +138,11 @@ class Faults:
         self._patch(os, "open", self._wrap(
             "write", os.open, first,
             when=lambda path, flags, *a, **k: bool(flags & _WRITE_FLAGS)))
-        self._native_writers(first, second)
+        try:
+            self._native_writers(first, second)
+        except BaseException:
+            self.__exit__()  # a half-patched os would break every test after this one
+            raise
         return self
 
     def _native_writers(self, first: Callable, second: Callable) -> None:
