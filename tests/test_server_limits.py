@@ -15,26 +15,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 
 from serve_helpers import assert_json_error, index_shapes, knn, path_of, png_bytes  # noqa: E402
+from vqret.benchmarks import serve_load  # noqa: E402
 from vqret.retrieval.images import load_image  # noqa: E402
 from vqret.server.decode_budget import PixelBudget, default_budget_mp  # noqa: E402
 from vqret.server.inputs import RequestError  # noqa: E402
 
-BIG_SIDE = 7000  # 49 MP: under the 50 MP cap on query images
-
-
-def big_bilevel_png() -> bytes:
-    """A 7000 x 7000 1-bit PNG of a few KB: cheap to send, ~100 MB to decode naively."""
-    image = Image.new("1", (BIG_SIDE, BIG_SIDE), 1)
-    ImageDraw.Draw(image).ellipse((1500, 1500, 5500, 5500), fill=0)
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", optimize=True)
-    return buffer.getvalue()
+# the benchmark's own load: a 7000 x 7000 1-bit PNG (49 MP, under the 50 MP cap) of a few KB
+BIG_SIDE = serve_load.BIG_SIDE
+big_bilevel_png = serve_load.bilevel_png
 
 
 # ---- the k cap -----------------------------------------------------------------------------
@@ -181,11 +175,6 @@ def test_query_images_decode_at_reduced_size_under_the_gate():
 # ---- peak memory of a real server under 50 concurrent big uploads ---------------------------
 
 
-def _status(pid: int) -> dict[str, int]:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return {k: int(v) * 1024 for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M)}
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_fifty_concurrent_49_mp_uploads_keep_memory_bounded(embedder, tmp_path):
     collection, _ = index_shapes(tmp_path / "shapes", embedder, n=24)
@@ -203,12 +192,10 @@ def test_fifty_concurrent_49_mp_uploads_keep_memory_bounded(embedder, tmp_path):
             # one small image first, so the idle baseline has the image path warmed up
             assert warm.post("api/search", files={"image": ("s.png", png_bytes("red", "circle"))}
                              ).status_code == 200
-        idle = _status(proc.pid)["VmRSS"]
-        reset = Path(f"/proc/{proc.pid}/clear_refs")
-        try:
-            reset.write_text("5")  # peak RSS := current RSS, so VmHWM is this load's peak
-        except OSError:
-            pass  # then VmHWM also covers start-up: only a stricter check
+        idle = serve_load.rss(proc.pid)
+        # peak RSS := current RSS, so VmHWM is this load's peak; where that can't be done,
+        # VmHWM also covers start-up: only a stricter check
+        serve_load.reset_peak(proc.pid)
 
         def upload(i: int) -> int:
             with httpx.Client(base_url=url, timeout=300) as http:
@@ -220,7 +207,7 @@ def test_fifty_concurrent_49_mp_uploads_keep_memory_bounded(embedder, tmp_path):
 
         with ThreadPoolExecutor(50) as pool:
             statuses = list(pool.map(upload, range(50)))
-        peak = _status(proc.pid)["VmHWM"]
+        peak = serve_load.peak_rss(proc.pid)
         with httpx.Client(base_url=url, timeout=60) as http:
             health = http.get("healthz").json()
     finally:
