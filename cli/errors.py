@@ -8,6 +8,7 @@ before the line, for a bug report."""
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,6 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def clean_errors(kept: str = KEPT_COMMITTED) -> Iterator[None]:
     """Known failures become one line and exit status 1; `kept` is what an interrupt keeps."""
     # Imported here: `vqret --help` must not pay for the store's and models' modules.
-    from vqret.retrieval.images import ImageLoadError
     from vqret.retrieval.io_errors import describe
     from vqret.retrieval.model_spec import ModelConfigError, WeightsUnavailableError
     from vqret.retrieval.query import QueryError
@@ -53,8 +53,7 @@ def clean_errors(kept: str = KEPT_COMMITTED) -> Iterator[None]:
     except QueryError as e:  # bad input: exit 2, like a usage error
         _trace()
         fail(str(e), 2)
-    except (StoreError, WeightsUnavailableError, ModelConfigError, ImageLoadError,
-            ValueError) as e:
+    except (StoreError, WeightsUnavailableError, ModelConfigError, ValueError) as e:
         _trace()
         fail(str(e))
     except OSError as e:  # the disk, not the input: one line that says what to do
@@ -63,6 +62,18 @@ def clean_errors(kept: str = KEPT_COMMITTED) -> Iterator[None]:
     except KeyboardInterrupt:
         err.print(f"interrupted: {kept}")
         raise typer.Exit(130) from None
+    except Exception as e:
+        if not _is_image_error(e):
+            raise
+        _trace()
+        fail(str(e))
+
+
+def _is_image_error(error: Exception) -> bool:
+    # An ImageLoadError can only come from a process that imported its module: checked
+    # there, so that a text search needn't import PIL (docs/startup.md).
+    images = sys.modules.get("vqret.retrieval.images")
+    return images is not None and isinstance(error, images.ImageLoadError)
 
 
 def _trace() -> None:
