@@ -499,7 +499,37 @@ def bench_recall(
 
 
 def main() -> None:  # pragma: no cover - console entry
-    app()
+    only_the_command_asked_for(app, sys.argv[1:])()
+
+
+def only_the_command_asked_for(group: typer.Typer, args: list[str]) -> typer.Typer:
+    """`group` with only the (sub)command that `args` name, when they name one.
+
+    Typer turns every command's signature into options, and builds a pydantic adapter for
+    each, before it runs any: ~80 ms of a cold search for 30 commands it won't run
+    (docs/startup.md). `--help` alone, or a name that matches nothing, gets the whole group,
+    so that typer lists every command or suggests the closest one."""
+    import copy
+
+    from typer.main import get_command_name
+
+    name = next((arg for arg in args if not arg.startswith("-")), None)
+    if name is None:
+        return group
+    commands = [c for c in group.registered_commands
+                if (c.name or get_command_name(c.callback.__name__)) == name]
+    groups = [g for g in group.registered_groups if g.name == name]
+    if not commands and not groups:
+        return group
+    pruned = copy.copy(group)
+    pruned.registered_commands = commands
+    pruned.registered_groups = []
+    for info in groups:
+        info = copy.copy(info)
+        info.typer_instance = only_the_command_asked_for(
+            info.typer_instance, args[args.index(name) + 1:])
+        pruned.registered_groups.append(info)
+    return pruned
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -206,3 +206,30 @@ def test_bench_startup_times_each_command_against_the_floor(indexed: Path) -> No
     agreement = top10_agreement(store)
     assert agreement["same_top10"] == agreement["probe_texts"] == 10
     assert agreement["min_query_cosine"] >= 0.9999
+
+
+def test_the_console_entry_builds_only_the_command_it_runs() -> None:
+    from typer.main import get_command_name
+    from vqret.cli.main import app, only_the_command_asked_for
+
+    def names(group) -> list[str]:
+        return [c.name or get_command_name(c.callback.__name__)
+                for c in group.registered_commands]
+
+    everything = len(app.registered_commands)
+    benches = len(app.registered_groups[0].typer_instance.registered_commands)
+    search = only_the_command_asked_for(app, ["-v", "search", "red car", "--store", "index"])
+    assert names(search) == ["search"] and search.registered_groups == []
+    bench = only_the_command_asked_for(app, ["bench", "startup", "--json"])
+    assert names(bench) == [] and [g.name for g in bench.registered_groups] == ["bench"]
+    assert names(bench.registered_groups[0].typer_instance) == ["startup"]
+    # --help alone and a misspelt name get the whole group (its list, typer's suggestion)
+    assert only_the_command_asked_for(app, ["--help"]) is app
+    assert only_the_command_asked_for(app, ["serch", "x"]) is app
+    # the app itself is untouched
+    assert len(app.registered_commands) == everything > 5
+    assert len(app.registered_groups[0].typer_instance.registered_commands) == benches > 5
+
+    typo = subprocess.run([sys.executable, "-m", "vqret.cli.main", "serch", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and "Did you mean 'search'" in typo.stderr
