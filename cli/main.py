@@ -140,6 +140,10 @@ def index(
     poll: Annotated[bool, typer.Option("--poll", help="--watch by polling (network mounts).")] = (
         False
     ),
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Read again the files that failed to decode "
+                           "and haven't changed since (skipped otherwise).")
+    ] = False,
 ) -> None:
     """Embed every image and video under FOLDER; again, it touches only what changed."""
     with clean_errors():
@@ -183,6 +187,7 @@ def index(
             "index_kind": index_type,
             "index_memory": parse_bytes(index_memory) if index_memory else None,
             "video_every": video_every,
+            "retry_failed": retry_failed,
         }
         if engine == "ray":
             from vqret.retrieval.distributed import RayEmbedder, indexer_options
@@ -229,8 +234,15 @@ def index(
     if watch:
         from vqret.cli.watch import keep_watching
 
+        # a file that fails again after an event has changed: retried without the flag
+        options["retry_failed"] = False
         keep_watching(collection, folder, options, poll=poll, as_json=as_json, quiet=quiet,
                       first_pass=False, run_index=_run_index, print_summary=_print_summary)
+
+
+def _video_rows(store) -> int:
+    column = store.read_table(["video_id"]).column("video_id")
+    return len(column) - column.null_count
 
 
 def _ray_summary(last_run: dict) -> dict:
@@ -266,16 +278,24 @@ def _print_summary(report, collection) -> None:
         parts.insert(0, f"{report.repaired} repaired")
     if report.embedded:
         work = f"{report.embedded} embedded, {report.embedded / report.seconds:.1f} images/s"
-    elif report.failed:
+    elif len(report.failed) > report.failed_before:
         work = "0 embedded"
     else:  # the model was never loaded (retrieval/deferred_embedder.py)
         work = f"nothing to embed (scan {report.seconds:.2f} s)"
+    failed = f"{len(report.failed)} failed"
+    if report.failed_before:  # not read again (retrieval/store_layout.py: Failure)
+        failed += (f" ({report.failed_before} unchanged since they failed to decode: "
+                   "--retry-failed reads them again)")
+    videos = report.videos
+    rows = len(collection.store)
+    moments = _video_rows(collection.store) if videos and any(
+        videos[k] for k in ("added", "updated", "renamed", "unchanged")) else 0
+    held = f"{rows - moments} images" + (f", {moments} video moments" if moments else "")
     out.print(
-        f"{', '.join(parts)}; {work}; {len(report.failed)} failed "
-        f"-> {collection.store.path} ({len(collection.store)} images, {report.seconds:.1f} s)",
+        f"{', '.join(parts)}; {work}; {failed} "
+        f"-> {collection.store.path} ({held}, {report.seconds:.1f} s)",
         highlight=False,
     )
-    videos = report.videos
     if videos and any(videos[k] for k in ("added", "updated", "renamed", "removed")):
         out.print(f"videos: {videos['added']} added, {videos['updated']} updated, "
                   f"{videos['renamed']} renamed, {videos['removed']} removed; "

@@ -62,6 +62,7 @@ from .store import (
     now_utc,
     row_schema,
 )
+from .store_layout import undecodable
 from .texts import is_sidecar, sidecar_rows, sync_texts
 from .video import DEFAULT_EVERY
 from .video_index import image_rows, sync_videos
@@ -84,6 +85,9 @@ class IndexReport:
     upgraded: int = 0  # old rows given their metadata columns (a schema 1 store's upgrade)
     repaired: int = 0  # rows of damaged parts re-embedded under their ids (repair.py)
     failed: list[Failure] = field(default_factory=list)
+    # of `failed`: files that couldn't be decoded last time and haven't changed since, not
+    # read again (Failure); `retry_failed` reads them again
+    failed_before: int = 0
     seconds: float = 0.0
     index: dict[str, Any] = field(default_factory=dict)  # the search index's plan
     texts: dict[str, Any] = field(default_factory=dict)  # sidecar captions: added, removed...
@@ -100,6 +104,7 @@ class IndexReport:
             "upgraded": self.upgraded,
             "repaired": self.repaired,
             "failed": [f.to_dict() for f in self.failed],
+            "failed_before": self.failed_before,
             "texts": {k: v for k, v in self.texts.items() if k != "failed"},
             "videos": self.videos,
             "seconds": round(self.seconds, 3),
@@ -127,6 +132,7 @@ class Indexer:
         walk: Callable[..., Iterable[FileEntry]] = walk_images,
         video_every: float = DEFAULT_EVERY,
         on_video_frames: Callable[[int], None] | None = None,
+        retry_failed: bool = False,
     ):
         self.store = store
         self.embedder = embedder
@@ -157,13 +163,28 @@ class Indexer:
         # on_video_frames(n) after each batch of n frames embedded.
         self.video_every = video_every
         self.on_video_frames = on_video_frames
+        # Files whose content failed to decode at this size and mtime, by path (Failure):
+        # skipped unless `retry_failed`.
+        self.undecodable = {} if retry_failed else undecodable(store.failures)
         self.report = IndexReport()
 
-    def _fail(self, path: str, error: str) -> None:
-        failure = Failure(path, error)
+    def _fail(self, path: str, error: str, size: int | None = None,
+              mtime_ns: int | None = None) -> None:
+        """`size` and `mtime_ns`: the file was read and its content couldn't be decoded."""
+        failure = Failure(path, error, size, mtime_ns)
         self.report.failed.append(failure)
         if self.on_failure:
             self.on_failure(failure)
+
+    def _failed_before(self, path: str, size: int | None, mtime_ns: int | None) -> bool:
+        """Whether `path` failed to decode before at this size and mtime; if so it is
+        reported again (in the list, not through on_failure: a cron job would repeat it)."""
+        failure = self.undecodable.get(path)
+        if failure is None or (failure.size, failure.mtime_ns) != (size, mtime_ns):
+            return False
+        self.report.failed.append(failure)
+        self.report.failed_before += 1
+        return True
 
     def run(self, writer: StoreWriter) -> IndexReport:
         """Bring the rows in line with the folder, then the search index with the rows."""
@@ -258,6 +279,7 @@ class Indexer:
         old_hash = column(image_rows(self.store.read_table(["hash", "video_id"])), "hash")
         self.report.unchanged += int(same_stat.sum())
         cand = np.flatnonzero(~same_stat)  # listing positions, in listing order
+        cand = self._without_undecodable(cand, listing)
 
         # A first run (no rows yet) has nothing to recognise a rename or a copy by: when the
         # embedder hashes what it reads (the Ray engine's actors), each file is read once,
@@ -364,12 +386,26 @@ class Indexer:
         to_embed = _ToEmbed(listing, hashes, cand[left], left, row_ids, reuse, pending, dups)
         self._embed_and_commit(writer, to_embed)
 
+    def _without_undecodable(self, cand: np.ndarray, listing: pa.Table) -> np.ndarray:
+        """`cand` less the files that failed to decode before and haven't changed."""
+        if not self.undecodable or not len(cand):
+            return cand
+        paths = listing.column("path").take(pa.array(cand, pa.int64()))
+        known = pa.array(list(self.undecodable), paths.type)
+        keep = np.ones(len(cand), bool)
+        for i in np.flatnonzero(mask(pc.is_in(paths, value_set=known))).tolist():
+            at = int(cand[i])
+            keep[i] = not self._failed_before(paths[i].as_py(), listing["size"][at].as_py(),
+                                              listing["mtime_ns"][at].as_py())
+        return cand[keep]
+
     def _sync_videos(self, writer: StoreWriter) -> None:
         """The videos' segments as rows (video_index.py): a commit per video changed."""
         if self.source is not None:
             return  # videos are read from the local folder: not from a remote source yet
         videos = sync_videos(self.store, self.embedder, self.folder, writer,
                              every=self.video_every, on_failure=self._fail,
+                             failed_before=self._failed_before,
                              on_frames=self.on_video_frames)
         self.report.videos = videos.to_dict()
 
@@ -487,7 +523,8 @@ class Indexer:
         for batch in self.embedder.iter_image_files(paths):
             for i, cause in batch.failures:
                 for j in todo.with_copies(i):
-                    self._fail(todo.listing["path"][int(todo.file_at[j])].as_py(), cause)
+                    file = todo.listing.slice(int(todo.file_at[j]), 1).to_pylist()[0]
+                    self._fail(file["path"], cause, file["size"], file["mtime_ns"])
                 failed.append(i)
             for j, i in enumerate(batch.indices):
                 content = batch.hashes[j] if batch.hashes is not None else None

@@ -6,8 +6,10 @@ every module that touches rows imports it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -176,8 +178,26 @@ def now_utc() -> datetime:
 
 @dataclass
 class Failure:
+    """A file a run couldn't index, and why.
+
+    `size` and `mtime_ns` are set when the file was read and its content couldn't be decoded
+    (not an image, truncated, an unknown codec): the same bytes fail the same way, so the
+    next run reports it again without reading it, and loads no model for it, until the file
+    changes or the run is asked to retry (`retry_failed`). A failure to list or read a file
+    (permissions, a file being copied) has no stat and is tried again every run."""
+
     path: str
     error: str
+    size: int | None = None
+    mtime_ns: int | None = None
 
-    def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "error": self.error}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "error": self.error}
+        if self.size is not None:
+            out.update(size=self.size, mtime_ns=self.mtime_ns)
+        return out
+
+
+def undecodable(failures: Iterable[Failure]) -> dict[str, Failure]:
+    """The failures of content that couldn't be decoded, by path (see Failure)."""
+    return {f.path: f for f in failures if f.size is not None and f.mtime_ns is not None}

@@ -96,15 +96,20 @@ def sync_videos(
     every: float = DEFAULT_EVERY,
     on_failure: Callable[[str, str], None] | None = None,
     on_frames: Callable[[int], None] | None = None,
+    failed_before: Callable[[str, int, int], bool] | None = None,
 ) -> VideoReport:
     """Bring the video rows of `store` in line with the videos under `folder` (module
-    docstring); one commit per video changed."""
+    docstring); one commit per video changed. `failed_before(path, size, mtime_ns)` says
+    whether a video failed to decode before as it is now: then it isn't read again.
+    `on_failure(path, cause, size, mtime_ns)`: the stat only for a video that was read and
+    couldn't be decoded (store_layout.Failure)."""
     report = VideoReport()
 
-    def fail(path: str, cause: str) -> None:
-        report.failed.append(Failure(path, cause))
+    def fail(path: str, cause: str, entry: Any = None) -> None:
+        stat = (entry.size, entry.mtime_ns) if entry is not None else (None, None)
+        report.failed.append(Failure(path, cause, *stat))
         if on_failure:
-            on_failure(path, cause)
+            on_failure(path, cause, *stat)
 
     # the image walk already reported unreadable folders: not twice
     listed = list(walk_images(folder, exclude=[store.path], extensions=VIDEO_EXTENSIONS))
@@ -121,6 +126,9 @@ def sync_videos(
         own = by_path.get(entry.relpath)
         if own is not None and own.size == entry.size and own.mtime_ns == entry.mtime_ns:
             report.unchanged += 1
+            continue
+        if failed_before is not None and failed_before(entry.relpath, entry.size,
+                                                        entry.mtime_ns):
             continue
         name = str(folder / entry.relpath)
         digest, cause = hash_named(name)
@@ -150,14 +158,13 @@ def sync_videos(
 
     # The engine's own way when it has one (the Ray engine: a video per actor task), else
     # this process's model; either way each video is committed as soon as it is embedded.
-    embed_many = getattr(embedder, "embed_videos", None) or (
-        lambda names, every, on_frames: _embed_here(_local_model(embedder), names, every,
-                                                    on_frames))
+    # Nothing to embed asks nothing of the embedder: a stand-in would load the model.
     names = [str(folder / entry.relpath) for entry, _, _ in to_embed]
-    for i, video in embed_many(names, every, on_frames):
+    embedded = _embed_many(embedder, names, every, on_frames) if names else iter(())
+    for i, video in embedded:
         entry, digest, own = to_embed[i]
         if isinstance(video, VideoError):
-            fail(entry.relpath, video.cause)
+            fail(entry.relpath, video.cause, entry)
             continue
         video_id = own.video_id if own is not None else int(writer.allocate_ids(1)[0])
         rows = _rows(store, writer, entry, digest, video_id, video)
@@ -176,6 +183,14 @@ def sync_videos(
         writer.commit(remove_ids=[i for v in removed for i in v.ids])
         report.removed = len(removed)
     return report
+
+
+def _embed_many(embedder: Any, names: list[str], every: float,
+                on_frames: Callable[[int], None] | None) -> Iterator[tuple[int, Any]]:
+    embed_videos = getattr(embedder, "embed_videos", None)
+    if embed_videos is not None:
+        return embed_videos(names, every, on_frames)
+    return _embed_here(_local_model(embedder), names, every, on_frames)
 
 
 def _embed_here(model: Any, names: list[str], every: float,

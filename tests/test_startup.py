@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.shapes import caption, make_shape_folder
+from fixtures.videos import make_shape_video
 
 HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "pandas", "faiss")
 
@@ -92,6 +93,53 @@ def test_a_no_op_index_never_imports_torch(indexed: Path) -> None:
     hits = collection.search(embedding=collection.stored_vectors([0])[0], k=20)
     assert len(hits) == 20
     assert index_file.read_bytes() != before[0], "the search index took the new row"
+
+
+def test_files_that_failed_to_decode_are_not_read_again_until_they_change(
+        tmp_path: Path, embedder) -> None:
+    """A broken image or video in the folder used to load the model on every run, to fail
+    the same way again: now it is reported from the last run's record until it changes."""
+    from vqret import Collection
+
+    folder = tmp_path / "images"
+    make_shape_folder(folder, 6, seed=23)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "broken.mp4").write_bytes(b"\0\1not a video" * 100)
+    make_shape_video(folder / "clip.mp4")  # a good one: an unchanged video needs no model
+    collection = Collection.create(folder, embedder=embedder)
+    first = collection.index()
+    assert collection.prepare_fast_text_search().startswith("exported")  # as `vqret index`
+    assert sorted(f.path for f in first.failed) == ["broken.jpg", "broken.mp4"]
+    assert first.added == 6 and first.failed_before == 0 and first.videos["added"] == 1
+
+    proc, imported = run_reporting("index", str(folder))
+    assert not imported & {"torch", "open_clip"}, imported
+    assert "nothing to embed" in proc.stdout and "6 unchanged" in proc.stdout, proc.stdout
+    summary = " ".join(proc.stdout.split())
+    assert "2 failed (2 unchanged since they failed to decode" in summary
+    moments = Collection.open(folder / ".vqret").store.count() - 6
+    assert f"(6 images, {moments} video moments," in summary, "moments aren't images"
+    proc, _ = run_reporting("index", str(folder), "--json")
+    again = json.loads(proc.stdout)
+    assert again["failed_before"] == 2
+    assert {f["path"]: f["size"] for f in again["failed"]} == {
+        "broken.jpg": 12, "broken.mp4": 1300}
+    assert [f.path for f in Collection.open(folder / ".vqret").store.failures] == [
+        f["path"] for f in again["failed"]], "the record is kept for the next run"
+
+    # asked to: both read again, failing again as they are
+    proc, imported = run_reporting("index", str(folder), "--retry-failed", "--json")
+    retried = json.loads(proc.stdout)
+    assert (len(retried["failed"]), retried["failed_before"]) == (2, 0)
+    assert "torch" in imported
+
+    # a file that changed is read again without being asked: now an image, it is indexed
+    (folder / "broken.jpg").write_bytes((folder / sorted(
+        p.name for p in folder.glob("*.png"))[0]).read_bytes())
+    proc, _ = run_reporting("index", str(folder), "--json")
+    fixed = json.loads(proc.stdout)
+    assert fixed["added"] == 1 and [f["path"] for f in fixed["failed"]] == ["broken.mp4"]
+    assert fixed["failed_before"] == 1
 
 
 def test_index_texts_again_imports_no_torch(indexed: Path, tmp_path: Path) -> None:
