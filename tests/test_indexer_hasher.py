@@ -135,5 +135,6 @@ def test_a_first_run_takes_hashes_from_the_embedder_and_reads_each_file_once(tmp
     (folder / "same.png").rename(folder / "moved.png")
     b = index_folder(other, HashingWhileReading(embedder), folder, hasher=hasher)
     assert b.renamed == 1 and b.embedded == 0
-    # (a file that failed is tried again every run)
-    assert [Path(n).name for n in hasher.asked[0]] == ["broken.png", "moved.png"]
+    # (a file that failed to decode isn't read again while it is unchanged)
+    assert [Path(n).name for n in hasher.asked[0]] == ["moved.png"]
+    assert [f.path for f in b.failed] == ["broken.png"] and b.failed_before == 1
