@@ -425,6 +425,8 @@ class Indexer:
     def _hash_all(self, files: np.ndarray, paths: pa.ChunkedArray) -> pa.ChunkedArray:
         """Content hashes of the listed files at `files`, null where the file can't be read,
         through `self.hasher` (or this process's threads), in listing order."""
+        if not len(files):  # no job for nothing: a Ray hasher would start one on the cluster
+            return pa.chunked_array([pa.array([], pa.large_string())])
         names = NamedPaths(paths, files, self._namer())
         hashes, failed = hash_in_order(self.hasher or hash_here, names)
         for i, cause in failed:

@@ -159,15 +159,18 @@ def test_ray_engine_indexes_like_the_local_engine(local_ray, tmp_path, folder, e
     assert a["added"] == 1 + 1 + 5  # copy, fixed file, new folder
     assert a["embedded"] == 1 + 1 + 5  # modified, fixed file, new folder (the copy isn't)
     assert sorted(f["path"] for f in a["failed"]) == ["empty.png", "truncated.png"]
-    # one hash job: renamed, copy, modified, fixed, truncated, empty (tried again), 5 new
-    assert HASH_JOBS == [1 + 1 + 1 + 1 + 1 + 1 + 5]
+    # one hash job: renamed, copy, modified, fixed, truncated, 5 new; empty.png is unchanged
+    # since it failed to decode, so it is reported from the record and not read again
+    assert HASH_JOBS == [1 + 1 + 1 + 1 + 1 + 5]
     _assert_same_rows(local, remote)
     _assert_same_search(local, remote, embedder, folder)
 
     # Third run, nothing changed: nothing goes through the model (no Ray job at all).
     a, b = _run_both(local, remote, embedder, folder)
     assert a == b and a["embedded"] == 0 and a["unchanged"] == len(local)
-    assert HASH_JOBS == [2]  # empty.png and truncated.png failed: tried again
+    # empty.png and truncated.png are unchanged since they failed: reported, not read again
+    assert HASH_JOBS == []
+    assert sorted(f["path"] for f in a["failed"]) == ["empty.png", "truncated.png"]
     _assert_same_rows(local, remote)
 
 
