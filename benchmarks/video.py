@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,34 @@ import numpy as np
 
 Log = Callable[[str], Any]
 SCENE_SECONDS = 7.0
+
+
+def write_video(path: Path, frames: Iterable[np.ndarray], *, fps: int, width: int,
+                height: int, codec: str = "libx264", gop: int | None = None,
+                codec_options: dict[str, str] | None = None,
+                container_options: dict[str, str] | None = None) -> Path:
+    """Encode `frames` (height x width x 3 uint8 RGB, one per 1/fps s) into `path`, yuv420p;
+    `gop`: frames between keyframes, the encoder's default when None. The one PyAV writer of
+    the benchmarks and the test fixtures."""
+    import av
+
+    with av.open(str(path), "w", options=container_options or {}) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = Fraction(1, fps)
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+        if codec_options:
+            stream.options = codec_options
+        for i, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
 
 
 def make_video(path: Path, seconds: float, *, fps: int = 30, width: int = 1920,
@@ -40,15 +68,9 @@ def make_video(path: Path, seconds: float, *, fps: int = 30, width: int = 1920,
     n_scenes = max(1, int(np.ceil(seconds / SCENE_SECONDS)))
     # each scene: a smooth colour field twice the frame's size, panned across the frame
     small = rng.integers(0, 256, size=(n_scenes, 9, 16, 3)).astype(np.uint8)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        stream.codec_context.gop_size = max(1, round(gop * fps))
-        stream.options = {"preset": "ultrafast", "crf": "23"}
-        scene_frames = None
-        scene = -1
+
+    def frames() -> Iterator[np.ndarray]:
+        scene, scene_frames = -1, None
         for i in range(round(seconds * fps)):
             k = min(n_scenes - 1, int(i / fps / SCENE_SECONDS))
             if k != scene:
@@ -62,14 +84,11 @@ def make_video(path: Path, seconds: float, *, fps: int = 30, width: int = 1920,
                 scene_frames[disc] = 255 - small[k, 0, 0]
             step = i - round(k * SCENE_SECONDS * fps)
             dy, dx = (3 * step) % height, (5 * step) % width
-            frame = av.VideoFrame.from_ndarray(
-                np.ascontiguousarray(scene_frames[dy:dy + height, dx:dx + width]), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+            yield scene_frames[dy:dy + height, dx:dx + width]
+
+    return write_video(path, frames(), fps=fps, width=width, height=height,
+                       gop=max(1, round(gop * fps)),
+                       codec_options={"preset": "ultrafast", "crf": "23"})
 
 
 def naive_loop(embedder: Any, path: Path, seconds: float, every: float) -> dict[str, float]:
