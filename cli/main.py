@@ -263,12 +263,11 @@ def _run_index(collection, folder: str, options: dict, show_progress: bool, quie
 
     if not show_progress:
         return collection.index(folder, on_failure=on_failure, **options)
-    from vqret.cli.progress import images_progress
+    from vqret.cli.progress import index_progress
 
-    with images_progress("embedding", err) as on_progress:
-        return collection.index(
-            folder, on_failure=on_failure, on_progress=on_progress, **options
-        )
+    with index_progress("embedding", err) as (on_progress, on_video_frames):
+        return collection.index(folder, on_failure=on_failure, on_progress=on_progress,
+                                on_video_frames=on_video_frames, **options)
 
 
 def _print_summary(report, collection) -> None:

@@ -197,7 +197,8 @@ class Indexer:
         self._sync_videos(writer)
         writer.compact()
         self._sync_sidecars(writer)
-        # Failing files are retried every run, so this run's failures are the whole list.
+        # This run's failures are the whole list: those read again and those unchanged
+        # since they failed to decode (reported from the last record, _failed_before).
         writer.commit(failures=self.report.failed)
         self.report.index = self.index_updater(
             writer, IMAGES, kind=self.index_kind, memory=self.index_memory

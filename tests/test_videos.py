@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 
 import numpy as np
@@ -115,6 +116,22 @@ def test_cli_finds_the_moment_and_reports_broken_videos(tmp_path, tiny_clip):
     cell = np.asarray(Image.open(grid).convert("RGB"))
     red = (cell[..., 0] > 180) & (cell[..., 1] < 80) & (cell[..., 2] < 80)
     assert red.sum() > 100  # the frame at t, not an "unreadable" tile
+
+
+def test_a_terminal_sees_the_video_frames_counted_as_they_are_embedded(tmp_path, tiny_clip):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    make_shape_folder(folder, 3, seed=5)
+    make_shape_video(folder / "clip.mp4")
+    # FORCE_COLOR: rich draws its bars as on a terminal, into the captured stderr
+    proc = run_cli(*index_args(folder, tiny_clip), env={"FORCE_COLOR": "1", "COLUMNS": "160"})
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", proc.stderr)
+    frames = int(re.search(r"videos: .* (\d+) frames embedded", proc.stdout).group(1))
+    assert frames > 0
+    counts = [int(n) for n in re.findall(r"embedding video frames\W+(\d+)/\?", drawn)]
+    assert counts and counts[-1] == frames  # the last frame drawn is the summary's count
+    assert counts == sorted(counts) and "frames/s" in drawn
+    assert re.search(r"embedding\W+3/3 ", drawn)  # the images' own bar, as before
 
 
 # ---- incremental: renamed, re-encoded, killed, removed -------------------------------------
