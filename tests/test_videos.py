@@ -123,8 +123,10 @@ def test_a_terminal_sees_the_video_frames_counted_as_they_are_embedded(tmp_path,
     folder.mkdir()
     make_shape_folder(folder, 3, seed=5)
     make_shape_video(folder / "clip.mp4")
-    # FORCE_COLOR: rich draws its bars as on a terminal, into the captured stderr
-    proc = run_cli(*index_args(folder, tiny_clip), env={"FORCE_COLOR": "1", "COLUMNS": "160"})
+    # FORCE_COLOR and a TERM that isn't dumb: rich draws its bars as on a terminal, into the
+    # captured stderr
+    terminal = {"FORCE_COLOR": "1", "TERM": "xterm-256color", "COLUMNS": "160"}
+    proc = run_cli(*index_args(folder, tiny_clip), env=terminal)
     drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", proc.stderr)
     frames = int(re.search(r"videos: .* (\d+) frames embedded", proc.stdout).group(1))
     assert frames > 0
